@@ -23,7 +23,7 @@ HandlerFunc = Callable[[Any, "EventContext"], Awaitable[None] | None]
 
 @dataclass(frozen=True)
 class EventContext:
-    """What a handler knows about the message it handles, beyond the event itself."""
+    """Message metadata passed to a handler together with the parsed event."""
 
     order_id: str
     message_id: str
@@ -106,7 +106,7 @@ class Router:
         return register
 
     def add_handler(self, event_type: str, func: HandlerFunc) -> None:
-        """Register `func` for `event_type`; raise `ConfigurationError` if invalid."""
+        """Register `func` for `event_type`, raising `ConfigurationError` when invalid."""
         known = self._known if self._known is not None else _known_event_types()
         if event_type not in known:
             raise ConfigurationError(
