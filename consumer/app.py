@@ -1,0 +1,287 @@
+"""`ConsumerApp`: the handler registry, the message pipeline and the lifecycle.
+
+For each message the pipeline parses the body, checks that `payload.orderId` is the
+session id, runs the event type's handlers in registration order with in-process
+retries, and returns the settlement for the processor to apply.
+
+Retries and several handlers: when handler 2 of 3 fails, the next in-process attempt
+starts at handler 2, because handler 1 already succeeded in this delivery. After an
+abandon the broker delivers the message again and every handler runs again, so
+handlers must be idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from consumer import settlement
+from consumer.config import Settings, load_settings
+from consumer.events import EventRejected, parse_event
+from consumer.http import HealthState
+from consumer.logs import log_exception_text
+from consumer.metrics import ConsumerMetrics, event_type_label
+from consumer.processor import SessionProcessor
+from consumer.retry import AttemptFailure, RetryPolicy, is_retryable, run_with_retries
+from consumer.routing import EventContext, HandlerFunc, HandlerSpec, Router, bind_log
+from consumer.settlement import Settlement
+from consumer.transport import InboundMessage, Transport
+
+log = structlog.get_logger("orders_consumer.app")
+
+
+class ConsumerApp:
+    """A session-ordered consumer: register handlers, then `await app.run()`.
+
+    `registry` receives the Prometheus collectors (a fresh registry when None).
+    `transport` replaces the Azure Service Bus transport, for tests and harnesses.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.router = Router()
+        self.metrics = ConsumerMetrics(registry)
+        self.health = HealthState()
+        self._transport = transport
+        self._processor: SessionProcessor | None = None
+        self._stop_requested = False
+        self._retry_policy = RetryPolicy.from_settings(settings)
+        self._executor: ThreadPoolExecutor | None = None
+        self._entity = ""
+
+    @classmethod
+    def from_config(cls, env: str | None = None, **overrides: Any) -> ConsumerApp:
+        """Build an app from `config/<env>.yaml`, `ORDERS_CONSUMER_*` and `overrides`.
+
+        Raises `ConfigurationError` listing each invalid field.
+        """
+        return cls(load_settings(env, **overrides))
+
+    def handler(self, event_type: str) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register the decorated `(event, ctx)` function for `event_type`."""
+        return self.router.handler(event_type)
+
+    def include_router(self, router: Router) -> None:
+        """Add every handler of `router`, after the handlers already registered."""
+        self.router.include_router(router)
+
+    def stop(self) -> None:
+        """Start a drain: accept no new sessions and let in-flight handlers finish."""
+        self._stop_requested = True
+        if self._processor is not None:
+            self._processor.stop()
+
+    async def run(self, until_idle_s: float | None = None) -> None:
+        """Consume until `stop()`, SIGTERM or SIGINT, or batch mode runs out of work.
+
+        With `until_idle_s`, return once no session has been available for that many
+        seconds. Raises `BrokerUnavailable` after `max_disconnected_s` without a
+        connection.
+        """
+        transport = self._transport or self._create_transport()
+        self._entity = transport.entity
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.max_concurrent_sessions,
+            thread_name_prefix="handler",
+        )
+        self._processor = SessionProcessor(
+            transport, self._process, self.settings, self.metrics, self.health
+        )
+        if self._stop_requested:
+            self._processor.stop()
+        removers = self._install_signal_handlers()
+        log.info("consumer_started", entity=self._entity, **self._run_summary())
+        try:
+            await self._processor.run(until_idle_s)
+        finally:
+            for remove in removers:
+                remove()
+            await transport.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("consumer_stopped", entity=self._entity)
+
+    def _create_transport(self) -> Transport:
+        # Imported here so that building an app for tests does not load the Azure SDK.
+        from consumer.transport.azure import AzureTransport
+
+        return AzureTransport(self.settings)
+
+    def _run_summary(self) -> dict[str, Any]:
+        return {
+            "max_concurrent_sessions": self.settings.max_concurrent_sessions,
+            "prefetch_count": self.settings.prefetch_count,
+            "event_types": sorted(self.router.event_types),
+        }
+
+    def _install_signal_handlers(self) -> list[Callable[[], None]]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        loop = asyncio.get_running_loop()
+        removers: list[Callable[[], None]] = []
+        for number in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(number, self._on_signal, number)
+            except (NotImplementedError, RuntimeError):
+                continue
+            removers.append(lambda number=number: loop.remove_signal_handler(number))
+        return removers
+
+    def _on_signal(self, number: int) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(number).name)
+        self.stop()
+
+    async def _process(
+        self, message: InboundMessage, lock_lost: asyncio.Event
+    ) -> Settlement:
+        policy = self.settings.unknown_event_policy
+        if message.body is None:
+            return settlement.rejected(
+                settlement.MALFORMED_BODY,
+                "body is an AMQP value or sequence, not UTF-8 JSON in data sections",
+                policy,
+            )
+        try:
+            event = parse_event(
+                message.body,
+                max_bytes=self.settings.max_body_bytes,
+                max_depth=self.settings.max_json_depth,
+            )
+        except EventRejected as rejection:
+            return settlement.rejected(rejection.reason, rejection.description, policy)
+        if event.order_id != message.session_id:
+            return settlement.session_mismatch(event.order_id, message.session_id)
+        specs = self.router.handlers_for(event.event_type)
+        if not specs:
+            return settlement.rejected(
+                settlement.UNKNOWN_EVENT_TYPE,
+                f"no handler is registered for event type {event.event_type!r}",
+                policy,
+            )
+        return await self._run_with_retries(message, event, specs, lock_lost)
+
+    async def _run_with_retries(
+        self,
+        message: InboundMessage,
+        event: Any,
+        specs: tuple[HandlerSpec, ...],
+        lock_lost: asyncio.Event,
+    ) -> Settlement:
+        context = self._context(message, event)
+        succeeded: set[int] = set()
+
+        async def attempt(number: int) -> None:
+            await self._run_handlers(
+                specs, event, replace(context, attempt=number), succeeded
+            )
+
+        error = await run_with_retries(
+            attempt,
+            self._retry_policy,
+            stop=lock_lost,
+            on_failure=lambda failure: self._on_attempt_failed(context, failure),
+        )
+        if error is None:
+            return settlement.completed()
+        return settlement.after_failure(
+            error, message.delivery_count, self.settings.max_delivery_count
+        )
+
+    def _context(self, message: InboundMessage, event: Any) -> EventContext:
+        correlation_id = event.metadata.correlation_id or message.correlation_id
+        return EventContext(
+            order_id=event.order_id,
+            message_id=message.message_id,
+            sequence_number=message.sequence_number,
+            delivery_count=message.delivery_count,
+            correlation_id=correlation_id,
+            enqueued_at=message.enqueued_at,
+            event_type=event.event_type,
+            entity=self._entity,
+            attempt=1,
+            log=bind_log(
+                order_id=event.order_id,
+                message_id=message.message_id,
+                correlation_id=correlation_id,
+                event_type=event.event_type,
+            ),
+        )
+
+    async def _run_handlers(
+        self,
+        specs: tuple[HandlerSpec, ...],
+        event: Any,
+        context: EventContext,
+        succeeded: set[int],
+    ) -> None:
+        labels = (self._entity, event_type_label(context.event_type))
+        for index, spec in enumerate(specs):
+            if index in succeeded:
+                continue
+            started = time.perf_counter()
+            self.metrics.handlers_in_flight.labels(self._entity).inc()
+            try:
+                await self._call(spec, event, context)
+            finally:
+                self.metrics.handlers_in_flight.labels(self._entity).dec()
+                elapsed_s = time.perf_counter() - started
+                self.metrics.handler_duration.labels(*labels).observe(elapsed_s)
+            succeeded.add(index)
+        self.metrics.handler_attempts.labels(*labels, "success").inc()
+
+    async def _call(self, spec: HandlerSpec, event: Any, context: EventContext) -> None:
+        timeout_s = self.settings.handler_timeout_s
+        try:
+            if spec.is_async:
+                await asyncio.wait_for(spec.func(event, context), timeout_s)  # type: ignore[arg-type]
+                return
+            await asyncio.wait_for(
+                self._call_in_thread(spec, event, context), timeout_s
+            )
+        except TimeoutError:
+            # NOTE: a sync handler cannot be interrupted; its thread runs on after the
+            # timeout, while the message is already being retried.
+            raise TimeoutError(
+                f"handler {spec.name} ran longer than handler_timeout_s={timeout_s}"
+            ) from None
+
+    async def _call_in_thread(
+        self, spec: HandlerSpec, event: Any, context: EventContext
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        bound = contextvars.copy_context()
+        await loop.run_in_executor(self._executor, bound.run, spec.func, event, context)
+
+    def _on_attempt_failed(
+        self, context: EventContext, failure: AttemptFailure
+    ) -> None:
+        error = failure.error
+        if failure.will_retry:
+            outcome = "retry"
+        elif is_retryable(error):
+            outcome = "failed"
+        else:
+            outcome = "dead_letter"
+        labels = (self._entity, event_type_label(context.event_type), outcome)
+        self.metrics.handler_attempts.labels(*labels).inc()
+        log.warning(
+            "handler_retried" if failure.will_retry else "handler_failed",
+            attempt=failure.attempt,
+            retry_in_s=round(failure.delay_s, 3),
+            error=log_exception_text(error),
+        )

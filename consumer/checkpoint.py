@@ -1,0 +1,138 @@
+"""Per-session progress kept in the Service Bus session state.
+
+The state is a small JSON document: the sequence number of the last message whose
+handlers finished, a bounded list of recent message ids, and, when the order is parked
+after a dead-letter, the park record and the sequence numbers of the messages deferred
+since. It travels with the session, so whichever consumer accepts the session next
+continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from consumer.transport import InboundMessage
+
+STATE_VERSION = 1
+# Producer retries that repeat a message id usually land close together, so a short
+# window catches them while keeping the session state small.
+MAX_RECENT_MESSAGE_IDS = 64
+
+
+class CheckpointError(ValueError):
+    """The session state exists but is not a checkpoint this version can read."""
+
+
+@dataclass(frozen=True)
+class ParkRecord:
+    """Why and where an order stopped: its first dead-lettered message."""
+
+    message_id: str
+    sequence_number: int
+    reason: str
+    description: str
+
+
+@dataclass(frozen=True)
+class SessionCheckpoint:
+    """The progress of one session (one order)."""
+
+    last_sequence_number: int = 0
+    recent_message_ids: tuple[str, ...] = ()
+    parked: ParkRecord | None = None
+    deferred_sequence_numbers: tuple[int, ...] = field(default=())
+
+    def is_handled(self, message: InboundMessage) -> bool:
+        """Whether the handlers of `message` already finished.
+
+        True for a redelivery of a handled message (its sequence number is at or below
+        the checkpoint, after a lost lock or a crash between handling and completing)
+        and for a repeated message id within the recent window.
+        """
+        if 0 < message.sequence_number <= self.last_sequence_number:
+            return True
+        return (
+            bool(message.message_id) and message.message_id in self.recent_message_ids
+        )
+
+    def after_handled(self, message: InboundMessage) -> SessionCheckpoint:
+        """Return the checkpoint that records `message` as handled."""
+        recent = self.recent_message_ids
+        if message.message_id and message.message_id not in recent:
+            recent = (recent + (message.message_id,))[-MAX_RECENT_MESSAGE_IDS:]
+        return replace(
+            self,
+            last_sequence_number=max(
+                self.last_sequence_number, message.sequence_number
+            ),
+            recent_message_ids=recent,
+        )
+
+    def park(self, record: ParkRecord) -> SessionCheckpoint:
+        """Return the checkpoint of an order stopped at `record`."""
+        return replace(self, parked=record)
+
+    def with_deferred(self, sequence_number: int) -> SessionCheckpoint:
+        """Return the checkpoint that also lists `sequence_number` as deferred."""
+        if sequence_number in self.deferred_sequence_numbers:
+            return self
+        numbers = self.deferred_sequence_numbers + (sequence_number,)
+        return replace(self, deferred_sequence_numbers=numbers)
+
+    def encode(self) -> bytes:
+        """Return the state as UTF-8 JSON for `set_state`."""
+        document: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "lastSequenceNumber": self.last_sequence_number,
+            "recentMessageIds": list(self.recent_message_ids),
+            "deferredSequenceNumbers": list(self.deferred_sequence_numbers),
+            "parked": None,
+        }
+        if self.parked is not None:
+            document["parked"] = {
+                "messageId": self.parked.message_id,
+                "sequenceNumber": self.parked.sequence_number,
+                "reason": self.parked.reason,
+                "description": self.parked.description,
+            }
+        return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, state: bytes | None) -> SessionCheckpoint:
+        """Read a checkpoint from session state; an empty state is a fresh session.
+
+        Raises `CheckpointError` when the state is not a checkpoint of this version.
+        """
+        if not state:
+            return cls()
+        try:
+            document = json.loads(state.decode("utf-8"))
+            return cls._from_document(document)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"session state is not a version {STATE_VERSION} checkpoint: {error}"
+            ) from error
+
+    @classmethod
+    def _from_document(cls, document: dict[str, Any]) -> SessionCheckpoint:
+        if document.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported version {document.get('version')!r}")
+        parked = document.get("parked")
+        record = None
+        if parked is not None:
+            record = ParkRecord(
+                message_id=str(parked["messageId"]),
+                sequence_number=int(parked["sequenceNumber"]),
+                reason=str(parked["reason"]),
+                description=str(parked["description"]),
+            )
+        return cls(
+            last_sequence_number=int(document["lastSequenceNumber"]),
+            recent_message_ids=tuple(str(i) for i in document["recentMessageIds"]),
+            parked=record,
+            deferred_sequence_numbers=tuple(
+                int(number) for number in document["deferredSequenceNumbers"]
+            ),
+        )

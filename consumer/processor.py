@@ -1,0 +1,543 @@
+"""The session processor: accept loops and one worker per held session.
+
+Each of the `max_concurrent_sessions` slots loops: accept the next available session,
+work it, hand the receiver to a background close, accept again. Within a session the
+worker receives one message, handles and settles it, and only then receives the next,
+so one order never has two messages in flight. Accepting and closing never wait on
+other sessions, so a slot that finishes a session starts on the next one at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import structlog
+
+from consumer import settlement
+from consumer.checkpoint import CheckpointError, ParkRecord, SessionCheckpoint
+from consumer.config import Settings
+from consumer.errors import SessionLockLost, TransportError
+from consumer.logs import RateLimiter, log_exception_text, message_context
+from consumer.metrics import ConsumerMetrics, event_type_label
+from consumer.settlement import Outcome, Settlement
+from consumer.transport import InboundMessage, SessionReceiver, Transport
+
+log = structlog.get_logger("orders_consumer.processor")
+
+# Pipeline: the app's parse-and-handle step. It returns the settlement to apply and
+# must watch the event it is given, which is set once the session lock is lost.
+Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
+
+# A failed renewal is retried this often until the lock's own expiry passes.
+RENEW_RETRY_S = 1.0
+# Renew when this fraction of the remaining lock time is left.
+RENEW_AT_FRACTION = 0.5
+# Without a reported expiry, renew at this interval (Service Bus locks last >= 5 s).
+RENEW_DEFAULT_INTERVAL_S = 5.0
+# Accept failures back off from this to the cap, so a broker outage costs no CPU.
+RECONNECT_BACKOFF_S = 0.5
+RECONNECT_MAX_BACKOFF_S = 10.0
+
+
+class BrokerUnavailable(TransportError):
+    """No session could be accepted for longer than `max_disconnected_s`."""
+
+
+@dataclass
+class HeldSession:
+    """A session this process holds, with the worker's view of its state."""
+
+    receiver: SessionReceiver
+    lock_lost: asyncio.Event = field(default_factory=asyncio.Event)
+    checkpoint: SessionCheckpoint = field(default_factory=SessionCheckpoint)
+    message_started_at: float | None = None
+
+    @property
+    def session_id(self) -> str:
+        """Id of the session, which is the order id."""
+        return self.receiver.session_id
+
+    def lock_expired(self) -> bool:
+        """Whether the lock expiry reported by the broker has passed."""
+        locked_until = self.receiver.locked_until
+        return locked_until is not None and locked_until <= datetime.now(UTC)
+
+
+class SessionProcessor:
+    """Hold up to `max_concurrent_sessions` sessions, each one's messages in order.
+
+    `pipeline` decides each message's settlement; the processor applies it, keeps the
+    checkpoint and park state in the session state, renews locks and releases idle
+    sessions. `health` is an optional `consumer.http.HealthState`.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        pipeline: Pipeline,
+        settings: Settings,
+        metrics: ConsumerMetrics,
+        health: object | None = None,
+    ) -> None:
+        self._transport = transport
+        self._pipeline = pipeline
+        self._settings = settings
+        self._metrics = metrics
+        self._health = health
+        self._entity = transport.entity
+        self._stopping = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._held = 0
+        self._last_activity = time.monotonic()
+        self._last_connected = time.monotonic()
+        self._limiter = RateLimiter(interval_s=30.0)
+        self._fatal: BaseException | None = None
+
+    @property
+    def sessions_held(self) -> int:
+        """Number of sessions this processor holds now."""
+        return self._held
+
+    def stop(self) -> None:
+        """Stop accepting sessions; workers finish their current message and release."""
+        self._stopping.set()
+
+    async def run(self, until_idle_s: float | None = None) -> None:
+        """Run until `stop()`, or until no session was available for `until_idle_s`.
+
+        On stop, workers get `shutdown_grace_s` to finish the message in flight; after
+        that they are cancelled and their messages abandoned. Raises `BrokerUnavailable`
+        when no connection could be made for `max_disconnected_s`.
+        """
+        self._set_health("set_accepting", True)
+        slots = [
+            asyncio.create_task(self._run_slot(), name=f"session-slot-{index}")
+            for index in range(self._settings.max_concurrent_sessions)
+        ]
+        watcher = asyncio.create_task(self._watch(until_idle_s), name="idle-watcher")
+        try:
+            await self._stopping.wait()
+        finally:
+            self._stopping.set()
+            self._set_health("set_accepting", False)
+            watcher.cancel()
+            await self._drain(slots)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _drain(self, slots: list[asyncio.Task[None]]) -> None:
+        grace_s = self._settings.shutdown_grace_s
+        _, pending = await asyncio.wait(slots, timeout=grace_s) if slots else ((), ())
+        if pending:
+            log.warning("shutdown_grace_expired", cancelled_sessions=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        log.info("processor_stopped", entity=self._entity)
+
+    async def _watch(self, until_idle_s: float | None) -> None:
+        interval_s = min(0.1, until_idle_s) if until_idle_s else 0.5
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval_s)
+            self._set_health("beat")
+            now = time.monotonic()
+            if self._held:
+                self._last_activity = now
+            elif until_idle_s is not None and now - self._last_activity >= until_idle_s:
+                log.info("processor_idle", entity=self._entity, idle_s=until_idle_s)
+                self.stop()
+            if now - self._last_connected > self._settings.max_disconnected_s:
+                self._fatal = BrokerUnavailable(
+                    f"no connection to {self._entity} for more than "
+                    f"max_disconnected_s={self._settings.max_disconnected_s}"
+                )
+                self.stop()
+
+    def _set_health(self, method: str, *args: bool) -> None:
+        if self._health is not None:
+            getattr(self._health, method)(*args)
+
+    async def _run_slot(self) -> None:
+        backoff_s = RECONNECT_BACKOFF_S
+        while not self._stopping.is_set():
+            try:
+                receiver = await self._accept()
+            except TransportError as error:
+                self._on_connection_error(error)
+                await self._sleep_unless_stopping(backoff_s)
+                backoff_s = min(backoff_s * 2, RECONNECT_MAX_BACKOFF_S)
+                continue
+            backoff_s = RECONNECT_BACKOFF_S
+            self._on_connected()
+            if receiver is None:
+                continue
+            await self._hold(receiver)
+
+    async def _accept(self) -> SessionReceiver | None:
+        accept = asyncio.ensure_future(
+            self._transport.accept_session(self._settings.accept_timeout_s)
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({accept, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not accept.done():
+            accept.cancel()
+            await asyncio.gather(accept, return_exceptions=True)
+            return None
+        receiver = accept.result()
+        if receiver is not None and self._stopping.is_set():
+            self._close_in_background(receiver)
+            return None
+        return receiver
+
+    def _on_connected(self) -> None:
+        self._last_connected = time.monotonic()
+        self._set_health("set_connected", True)
+        self._metrics.connection_up.labels(self._entity).set(1)
+
+    def _on_connection_error(self, error: TransportError) -> None:
+        self._set_health("set_connected", False)
+        self._metrics.connection_up.labels(self._entity).set(0)
+        if self._limiter.allow("accept_failed"):
+            log.warning(
+                "connection_lost",
+                entity=self._entity,
+                error=log_exception_text(error),
+                suppressed=self._limiter.pop_suppressed("accept_failed"),
+            )
+
+    async def _sleep_unless_stopping(self, delay_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+        except TimeoutError:
+            pass
+
+    async def _hold(self, receiver: SessionReceiver) -> None:
+        held = HeldSession(receiver)
+        self._held += 1
+        self._metrics.sessions_accepted.labels(self._entity).inc()
+        self._metrics.sessions_held.labels(self._entity).inc()
+        log.debug("session_accepted", order_id=held.session_id)
+        renewer = asyncio.create_task(self._renew_lock(held))
+        try:
+            await self._work(held)
+        except SessionLockLost as error:
+            self._on_lock_lost(held, error)
+        except TransportError as error:
+            log.warning(
+                "session_failed",
+                order_id=held.session_id,
+                error=log_exception_text(error),
+            )
+        finally:
+            renewer.cancel()
+            self._held -= 1
+            self._last_activity = time.monotonic()
+            self._metrics.sessions_held.labels(self._entity).dec()
+            self._close_in_background(receiver)
+
+    def _on_lock_lost(self, held: HeldSession, error: BaseException) -> None:
+        if held.lock_lost.is_set():
+            return
+        held.lock_lost.set()
+        self._metrics.sessions_lost.labels(self._entity).inc()
+        log.warning(
+            "session_lock_lost",
+            order_id=held.session_id,
+            error=log_exception_text(error),
+        )
+
+    def _close_in_background(self, receiver: SessionReceiver) -> None:
+        task = asyncio.create_task(self._close(receiver))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, receiver: SessionReceiver) -> None:
+        try:
+            await receiver.close()
+        except TransportError as error:
+            log.debug(
+                "session_close_failed",
+                order_id=receiver.session_id,
+                error=log_exception_text(error),
+            )
+        self._metrics.sessions_released.labels(self._entity).inc()
+        log.debug("session_released", order_id=receiver.session_id)
+
+    async def _work(self, held: HeldSession) -> None:
+        held.checkpoint = await self._load_checkpoint(held)
+        if not await self._resume_deferred(held):
+            return
+        idle_s = self._settings.session_idle_timeout_s
+        while not self._stopping.is_set() and not held.lock_lost.is_set():
+            message = await self._receive_unless_stopping(held, idle_s)
+            if message is None:
+                return
+            if not await self._handle(held, message):
+                return
+
+    async def _receive_unless_stopping(
+        self, held: HeldSession, idle_s: float
+    ) -> InboundMessage | None:
+        receive = asyncio.ensure_future(held.receiver.receive(idle_s))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        lost = asyncio.ensure_future(held.lock_lost.wait())
+        try:
+            await asyncio.wait(
+                {receive, stopping, lost}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
+            lost.cancel()
+        if receive.done():
+            return receive.result()
+        # Draining or lock lost: a message that arrives after this point stays
+        # unsettled and returns to the broker when the receiver closes.
+        receive.cancel()
+        await asyncio.gather(receive, return_exceptions=True)
+        return None
+
+    async def _load_checkpoint(self, held: HeldSession) -> SessionCheckpoint:
+        if not self._uses_session_state():
+            return SessionCheckpoint()
+        state = await held.receiver.get_state()
+        try:
+            checkpoint = SessionCheckpoint.decode(state)
+        except CheckpointError as error:
+            log.error(
+                "session_state_unreadable",
+                order_id=held.session_id,
+                error=str(error),
+            )
+            return SessionCheckpoint()
+        if checkpoint.parked is not None:
+            self._metrics.sessions_parked.labels(self._entity).inc()
+        return checkpoint
+
+    def _uses_session_state(self) -> bool:
+        return self._settings.checkpoint or self._settings.poison_policy == "park"
+
+    async def _resume_deferred(self, held: HeldSession) -> bool:
+        """Handle the deferred messages of an unparked order, oldest first.
+
+        Return False when the session must be released (lock lost, or one of them
+        failed again).
+        """
+        checkpoint = held.checkpoint
+        if checkpoint.parked is not None or not checkpoint.deferred_sequence_numbers:
+            return True
+        numbers = list(checkpoint.deferred_sequence_numbers)
+        messages = await held.receiver.receive_deferred(numbers)
+        log.info("order_resuming", order_id=held.session_id, deferred=len(messages))
+        for message in messages:
+            if self._stopping.is_set():
+                return False
+            if not await self._handle(held, message, deferred=True):
+                return False
+            remaining = tuple(
+                number
+                for number in held.checkpoint.deferred_sequence_numbers
+                if number != message.sequence_number
+            )
+            held.checkpoint = replace(
+                held.checkpoint, deferred_sequence_numbers=remaining
+            )
+            await self._save_checkpoint(held)
+            if held.checkpoint.parked is not None:
+                # Parked again: the rest stays deferred, still listed in the state.
+                return False
+        return True
+
+    async def _save_checkpoint(self, held: HeldSession) -> None:
+        await held.receiver.set_state(held.checkpoint.encode())
+
+    async def _handle(
+        self, held: HeldSession, message: InboundMessage, *, deferred: bool = False
+    ) -> bool:
+        """Decide, record and apply the settlement of `message`.
+
+        Return False when the worker must release the session: after an abandon, a
+        lost lock, or a parked order's dead-letter.
+        """
+        event_type = event_type_label(message.subject)
+        self._metrics.messages_received.labels(self._entity, event_type).inc()
+        held.message_started_at = time.monotonic()
+        with message_context(
+            order_id=held.session_id,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            event_type=message.subject,
+            delivery_count=message.delivery_count,
+            sequence_number=message.sequence_number,
+        ):
+            try:
+                decided = await self._decide(held, message, deferred)
+                if held.lock_lost.is_set() or held.lock_expired():
+                    raise SessionLockLost("session lock lost while handling")
+                await self._record_and_apply(held, message, decided)
+            except asyncio.CancelledError:
+                await self._abandon_on_cancel(held, message)
+                raise
+            finally:
+                held.message_started_at = None
+        self._observe(message, decided, event_type)
+        return not decided.releases_session
+
+    async def _decide(
+        self, held: HeldSession, message: InboundMessage, deferred: bool
+    ) -> Settlement:
+        checkpoint = held.checkpoint
+        if self._settings.checkpoint:
+            # A deferred message keeps its old sequence number while the message
+            # resubmitted on unpark gets a new, higher one, so only its id can tell
+            # whether it already ran.
+            if deferred and message.message_id in checkpoint.recent_message_ids:
+                return settlement.duplicate()
+            if not deferred and checkpoint.is_handled(message):
+                return settlement.duplicate()
+        if checkpoint.parked is not None:
+            if message.sequence_number == checkpoint.parked.sequence_number:
+                # The state says parked but the dead-letter never happened (the
+                # process died in between): dead-letter it now, as recorded.
+                return settlement.dead_lettered(
+                    checkpoint.parked.reason, checkpoint.parked.description
+                )
+            return settlement.deferred()
+        return await self._pipeline(message, held.lock_lost)
+
+    async def _record_and_apply(
+        self, held: HeldSession, message: InboundMessage, decided: Settlement
+    ) -> None:
+        """Write the session state the settlement implies, then settle.
+
+        The state is written first: if the process dies in between, the redelivered
+        message is recognised from the state instead of being handled twice.
+        """
+        before = held.checkpoint
+        after = before
+        if decided.outcome in (Outcome.COMPLETED, Outcome.IGNORED):
+            if self._settings.checkpoint:
+                after = before.after_handled(message)
+        elif decided.outcome is Outcome.DEFERRED:
+            after = before.with_deferred(message.sequence_number)
+        elif decided.outcome is Outcome.DEAD_LETTERED:
+            after = self._after_dead_letter(held, message, decided)
+        if after != before:
+            held.checkpoint = after
+            await self._save_checkpoint(held)
+        await settlement.apply(held.receiver, message, decided)
+
+    def _after_dead_letter(
+        self, held: HeldSession, message: InboundMessage, decided: Settlement
+    ) -> SessionCheckpoint:
+        if self._settings.poison_policy != "park":
+            log.warning(
+                "order_gap_left",
+                order_id=held.session_id,
+                reason=decided.reason,
+                detail="later messages of this order run without this one",
+            )
+            return held.checkpoint
+        record = ParkRecord(
+            message_id=message.message_id,
+            sequence_number=message.sequence_number,
+            reason=decided.reason,
+            description=decided.description,
+        )
+        self._metrics.sessions_parked.labels(self._entity).inc()
+        log.warning("session_parked", order_id=held.session_id, reason=decided.reason)
+        return held.checkpoint.park(record)
+
+    async def _abandon_on_cancel(
+        self, held: HeldSession, message: InboundMessage
+    ) -> None:
+        # Cancelled past the shutdown grace period: the message must come back, never
+        # be completed, so abandon it unless the lock is already gone.
+        if held.lock_lost.is_set():
+            return
+        try:
+            await asyncio.shield(held.receiver.abandon(message))
+        except TransportError as error:
+            log.warning("abandon_failed", error=log_exception_text(error))
+
+    def _observe(
+        self, message: InboundMessage, decided: Settlement, event_type: str
+    ) -> None:
+        labels = (self._entity, event_type)
+        metrics = self._metrics
+        if decided.outcome is Outcome.COMPLETED:
+            metrics.messages_completed.labels(*labels).inc()
+            log.debug("message_completed", order_id=message.session_id)
+        elif decided.outcome is Outcome.DUPLICATE:
+            metrics.messages_duplicate.labels(*labels).inc()
+            log.debug("message_skipped", reason="already handled")
+        elif decided.outcome is Outcome.IGNORED:
+            metrics.messages_ignored.labels(*labels).inc()
+            log.info("message_ignored", reason=decided.reason)
+        elif decided.outcome is Outcome.DEFERRED:
+            metrics.messages_deferred.labels(*labels).inc()
+            log.info("message_deferred", sequence_number=message.sequence_number)
+        elif decided.outcome is Outcome.ABANDONED:
+            metrics.messages_abandoned.labels(*labels).inc()
+            log.warning("message_abandoned", error=decided.description)
+        else:
+            reason = metrics.reason_label(decided.reason)
+            metrics.messages_dead_lettered.labels(*labels, reason).inc()
+            log.error(
+                "message_dead_lettered",
+                reason=decided.reason,
+                description=decided.description,
+            )
+        if message.enqueued_at is not None:
+            lag_s = (datetime.now(UTC) - message.enqueued_at).total_seconds()
+            metrics.end_to_end_lag.labels(*labels).observe(max(lag_s, 0.0))
+
+    async def _renew_lock(self, held: HeldSession) -> None:
+        """Renew the session lock until cancelled or lost.
+
+        While a message is being handled, renewal stops `max_lock_renewal_s` after the
+        message started, so a stuck handler cannot hold an order forever.
+        """
+        limit_s = self._settings.max_lock_renewal_s
+        if limit_s <= 0:
+            return
+        while not held.lock_lost.is_set():
+            await asyncio.sleep(self._renew_delay_s(held))
+            started = held.message_started_at
+            if started is not None and time.monotonic() - started > limit_s:
+                log.warning("lock_renewal_limit_reached", limit_s=limit_s)
+                return
+            await self._renew_once(held)
+
+    def _renew_delay_s(self, held: HeldSession) -> float:
+        locked_until = held.receiver.locked_until
+        if locked_until is None:
+            return RENEW_DEFAULT_INTERVAL_S
+        remaining_s = (locked_until - datetime.now(UTC)).total_seconds()
+        return max(remaining_s * RENEW_AT_FRACTION, 0.05)
+
+    async def _renew_once(self, held: HeldSession) -> None:
+        kind = ("session",)
+        try:
+            await held.receiver.renew_lock()
+        except SessionLockLost as error:
+            self._metrics.lock_renewal_failures.labels(self._entity, *kind).inc()
+            self._on_lock_lost(held, error)
+            return
+        except TransportError as error:
+            self._metrics.lock_renewal_failures.labels(self._entity, *kind).inc()
+            if held.lock_expired():
+                self._on_lock_lost(held, error)
+                return
+            log.warning("lock_renewal_failed", error=log_exception_text(error))
+            await asyncio.sleep(RENEW_RETRY_S)
+            return
+        self._metrics.lock_renewals.labels(self._entity, *kind).inc()

@@ -1,0 +1,230 @@
+"""The production transport on `azure.servicebus.aio`, one client per process.
+
+SDK exceptions are translated at this edge: a lost session or message lock becomes
+`SessionLockLost` and every other Service Bus failure `TransportError`, with secrets
+removed from the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage
+from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
+from azure.servicebus.amqp import AmqpMessageBodyType
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    OperationTimeoutError,
+    ServiceBusError,
+    SessionCannotBeLockedError,
+    SessionLockLostError,
+)
+
+from consumer.config import Settings
+from consumer.errors import SessionLockLost, TransportError
+from consumer.redact import redact
+from consumer.transport import InboundMessage
+
+T = TypeVar("T")
+
+
+def _message_body(message: ServiceBusReceivedMessage) -> bytes | None:
+    if message.body_type != AmqpMessageBodyType.DATA:
+        return None
+    return b"".join(bytes(section) for section in message.body)
+
+
+def _to_inbound(message: ServiceBusReceivedMessage, session_id: str) -> InboundMessage:
+    return InboundMessage(
+        body=_message_body(message),
+        message_id=str(message.message_id or ""),
+        session_id=message.session_id or session_id,
+        sequence_number=int(message.sequence_number or 0),
+        delivery_count=int(message.delivery_count or 0),
+        enqueued_at=message.enqueued_time_utc,
+        correlation_id=message.correlation_id,
+        subject=message.subject,
+        handle=message,
+    )
+
+
+@asynccontextmanager
+async def _translated_errors(action: str, session_id: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (SessionLockLostError, MessageLockLostError) as error:
+        raise SessionLockLost(
+            f"{action} failed on session {session_id}: lock lost ({redact(str(error))})"
+        ) from error
+    except (ServiceBusError, MessageAlreadySettled) as error:
+        raise TransportError(
+            f"{action} failed on session {session_id}: {redact(str(error))}"
+        ) from error
+
+
+class AzureSessionReceiver:
+    """A `SessionReceiver` over one SDK session receiver."""
+
+    def __init__(self, receiver: ServiceBusReceiver) -> None:
+        self._receiver = receiver
+        self._session_id = str(receiver.session.session_id)
+
+    @property
+    def session_id(self) -> str:
+        """Id of the held session (the order id)."""
+        return self._session_id
+
+    @property
+    def locked_until(self) -> datetime | None:
+        """Expiry of the session lock as last reported by the broker."""
+        return self._receiver.session.locked_until_utc
+
+    async def _call(self, action: str, operation: Awaitable[T]) -> T:
+        async with _translated_errors(action, self._session_id):
+            return await operation
+
+    async def receive(self, max_wait_s: float) -> InboundMessage | None:
+        """Return the next message of the session, or None after `max_wait_s` idle."""
+        messages = await self._call(
+            "receive",
+            self._receiver.receive_messages(
+                max_message_count=1, max_wait_time=max_wait_s
+            ),
+        )
+        if not messages:
+            return None
+        return _to_inbound(messages[0], self._session_id)
+
+    async def receive_deferred(
+        self, sequence_numbers: list[int]
+    ) -> list[InboundMessage]:
+        """Return deferred messages of this session in `sequence_numbers` order."""
+        if not sequence_numbers:
+            return []
+        messages = await self._call(
+            "receive_deferred",
+            self._receiver.receive_deferred_messages(sequence_numbers),
+        )
+        inbound = [_to_inbound(message, self._session_id) for message in messages]
+        position = {number: index for index, number in enumerate(sequence_numbers)}
+        return sorted(inbound, key=lambda item: position.get(item.sequence_number, 0))
+
+    async def complete(self, message: InboundMessage) -> None:
+        """Remove the message from the entity."""
+        await self._call("complete", self._receiver.complete_message(message.handle))
+
+    async def abandon(self, message: InboundMessage) -> None:
+        """Release the lock so the message returns at the head of its session."""
+        await self._call("abandon", self._receiver.abandon_message(message.handle))
+
+    async def defer(self, message: InboundMessage) -> None:
+        """Set the message aside; only `receive_deferred` can fetch it again."""
+        await self._call("defer", self._receiver.defer_message(message.handle))
+
+    async def dead_letter(
+        self, message: InboundMessage, reason: str, description: str
+    ) -> None:
+        """Move the message to the dead-letter queue with `reason` and `description`."""
+        await self._call(
+            "dead_letter",
+            self._receiver.dead_letter_message(
+                message.handle, reason=reason, error_description=description
+            ),
+        )
+
+    async def get_state(self) -> bytes | None:
+        """Return the session state, or None when none was set."""
+        state = await self._call("get_state", self._receiver.session.get_state())
+        return bytes(state) if state else None
+
+    async def set_state(self, state: bytes | None) -> None:
+        """Replace the session state."""
+        await self._call("set_state", self._receiver.session.set_state(state))
+
+    async def renew_lock(self) -> datetime:
+        """Extend the session lock and return its new expiry."""
+        return await self._call("renew_lock", self._receiver.session.renew_lock())
+
+    async def close(self) -> None:
+        """Release the session; unsettled messages return to the broker in order."""
+        await self._call("close", self._receiver.close())
+
+
+class AzureTransport:
+    """A `Transport` on one `ServiceBusClient`, for a queue or a topic subscription."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._credential: Any = None
+        self._client = self._create_client(settings)
+
+    def _create_client(self, settings: Settings) -> ServiceBusClient:
+        if settings.connection_string is not None:
+            try:
+                return ServiceBusClient.from_connection_string(
+                    settings.connection_string.get_secret_value()
+                )
+            except ValueError as error:
+                raise TransportError(
+                    f"invalid connection_string: {redact(str(error))}"
+                ) from None
+        # azure.identity is needed only without a connection string.
+        from azure.identity.aio import DefaultAzureCredential
+
+        self._credential = DefaultAzureCredential()
+        namespace = str(settings.fully_qualified_namespace)
+        return ServiceBusClient(namespace, credential=self._credential)
+
+    @property
+    def entity(self) -> str:
+        """Queue name, or `topic/subscriptions/name`, for logs and metric labels."""
+        if self._settings.subscription:
+            topic = self._settings.entity_name
+            return f"{topic}/subscriptions/{self._settings.subscription}"
+        return self._settings.entity_name
+
+    def _session_receiver(self, max_wait_s: float) -> ServiceBusReceiver:
+        options: dict[str, Any] = {
+            "session_id": NEXT_AVAILABLE_SESSION,
+            "max_wait_time": max_wait_s,
+            "prefetch_count": self._settings.prefetch_count,
+        }
+        if self._settings.subscription:
+            return self._client.get_subscription_receiver(
+                topic_name=self._settings.entity_name,
+                subscription_name=self._settings.subscription,
+                **options,
+            )
+        return self._client.get_queue_receiver(
+            queue_name=self._settings.entity_name, **options
+        )
+
+    async def accept_session(self, max_wait_s: float) -> AzureSessionReceiver | None:
+        """Lock the next available session, or return None after `max_wait_s`."""
+        receiver = self._session_receiver(max_wait_s)
+        try:
+            await receiver.__aenter__()
+        except (OperationTimeoutError, SessionCannotBeLockedError):
+            await asyncio.shield(receiver.close())
+            return None
+        except ServiceBusError as error:
+            await asyncio.shield(receiver.close())
+            raise TransportError(
+                f"accepting a session on {self.entity} failed: {redact(str(error))}"
+            ) from error
+        except asyncio.CancelledError:
+            # Cancelled mid-accept: the link may already hold a session lock.
+            await asyncio.shield(receiver.close())
+            raise
+        return AzureSessionReceiver(receiver)
+
+    async def close(self) -> None:
+        """Close the client and, when one was created, the Azure AD credential."""
+        await self._client.close()
+        if self._credential is not None:
+            await self._credential.close()
