@@ -1,0 +1,124 @@
+"""Optional OpenTelemetry tracing: one consumer span per handled message.
+
+A publisher that traces puts the W3C trace context in the message's application
+properties: `traceparent` (and `tracestate`), or `Diagnostic-Id` holding the same
+`traceparent` value, the older name the Azure SDKs use. `span_for_message` continues
+that trace. Without the `tracing` extra (opentelemetry-api) both functions do nothing,
+so the consumer runs the same with or without it. Spans are exported only when the
+application configures an OpenTelemetry SDK `TracerProvider`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+TRACER_NAME = "orders-consumer"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+DIAGNOSTIC_ID = "Diagnostic-Id"
+
+AttributeValue = str | bool | int | float
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def trace_carrier(application_properties: Mapping[Any, Any] | None) -> dict[str, str]:
+    """Return the W3C trace headers found in a message's application properties.
+
+    Keys and values may be `str` or `bytes` (the Azure SDK returns bytes keys). A
+    `traceparent` property wins over `Diagnostic-Id`. The result uses lowercase keys, as
+    the W3C propagator expects.
+    """
+    found: dict[str, str] = {}
+    for raw_key, raw_value in (application_properties or {}).items():
+        key = _text(raw_key)
+        value = _text(raw_value)
+        if key is not None and value is not None:
+            found[key.lower()] = value
+
+    carrier: dict[str, str] = {}
+    traceparent = found.get(TRACEPARENT) or found.get(DIAGNOSTIC_ID.lower())
+    if traceparent:
+        carrier[TRACEPARENT] = traceparent
+        if found.get(TRACESTATE):
+            carrier[TRACESTATE] = found[TRACESTATE]
+    return carrier
+
+
+def _clean_attributes(
+    attributes: Mapping[str, Any] | None,
+) -> dict[str, AttributeValue]:
+    # OpenTelemetry drops (and warns about) None and other non-primitive values.
+    cleaned: dict[str, AttributeValue] = {"messaging.system": "servicebus"}
+    for key, value in (attributes or {}).items():
+        if isinstance(value, str | bool | int | float):
+            cleaned[key] = value
+        elif value is not None:
+            cleaned[key] = str(value)
+    return cleaned
+
+
+@contextmanager
+def span_for_message(
+    application_properties: Mapping[Any, Any] | None,
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    tracer_provider: Any = None,
+) -> Iterator[Any]:
+    """Run the `with` block in a consumer span that continues the message's trace.
+
+    Yields the OpenTelemetry span, or None when opentelemetry-api is not installed.
+    Without trace headers in `application_properties` the span starts a new trace. An
+    exception leaving the block is recorded on the span and re-raised. `tracer_provider`
+    defaults to the global one.
+    """
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import (
+            TraceContextTextMapPropagator,
+        )
+    except ImportError:
+        yield None
+        return
+
+    parent = TraceContextTextMapPropagator().extract(
+        trace_carrier(application_properties)
+    )
+    tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
+    with tracer.start_as_current_span(
+        name,
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=_clean_attributes(attributes),
+    ) as span:
+        yield span
+
+
+def inject_traceparent() -> dict[str, str]:
+    """Return the current trace context as message application properties.
+
+    The result holds `traceparent`, `tracestate` when not empty, and `Diagnostic-Id`
+    with the `traceparent` value for consumers that read the older name. It is empty
+    when opentelemetry-api is not installed or no span is active.
+    """
+    try:
+        from opentelemetry.trace.propagation.tracecontext import (
+            TraceContextTextMapPropagator,
+        )
+    except ImportError:
+        return {}
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    if TRACEPARENT in carrier:
+        carrier[DIAGNOSTIC_ID] = carrier[TRACEPARENT]
+    return carrier

@@ -1,0 +1,181 @@
+"""Trace context continued from message properties, with and without OpenTelemetry."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from consumer.tracing import (
+    inject_traceparent,
+    span_for_message,
+    trace_carrier,
+)
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
+OTHER_TRACEPARENT = "00-11111111111111111111111111111111-2222222222222222-01"
+
+
+def test_carrier_reads_traceparent_and_state() -> None:
+    carrier = trace_carrier({"traceparent": TRACEPARENT, "tracestate": "vendor=1"})
+
+    assert carrier == {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
+
+
+def test_carrier_reads_bytes_diagnostic_id() -> None:
+    carrier = trace_carrier({b"Diagnostic-Id": TRACEPARENT.encode(), b"other": 5})
+
+    assert carrier == {"traceparent": TRACEPARENT}
+
+
+def test_carrier_prefers_traceparent() -> None:
+    carrier = trace_carrier(
+        {"Diagnostic-Id": OTHER_TRACEPARENT, "traceparent": TRACEPARENT}
+    )
+
+    assert carrier == {"traceparent": TRACEPARENT}
+
+
+def test_carrier_empty_without_headers() -> None:
+    assert trace_carrier(None) == {}
+    assert trace_carrier({"eventType": "ORDER_CREATED"}) == {}
+    assert trace_carrier({"tracestate": "vendor=1"}) == {}
+
+
+@pytest.fixture
+def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every `import opentelemetry...` raise ImportError for one test."""
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    for name in list(sys.modules):
+        if name.startswith("opentelemetry."):
+            monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.usefixtures("without_opentelemetry")
+def test_span_is_noop_without_opentelemetry() -> None:
+    with span_for_message({"traceparent": TRACEPARENT}, "process") as span:
+        assert span is None
+        assert inject_traceparent() == {}
+
+
+@pytest.mark.usefixtures("without_opentelemetry")
+def test_noop_span_reraises() -> None:
+    with (
+        pytest.raises(KeyError),
+        span_for_message({"traceparent": TRACEPARENT}, "process"),
+    ):
+        raise KeyError("orderId")
+
+
+class Recorder:
+    """An SDK tracer provider that keeps finished spans in memory."""
+
+    def __init__(self) -> None:
+        sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+        export = pytest.importorskip("opentelemetry.sdk.trace.export")
+        in_memory = pytest.importorskip(
+            "opentelemetry.sdk.trace.export.in_memory_span_exporter"
+        )
+        self.exporter = in_memory.InMemorySpanExporter()
+        self.provider = sdk_trace.TracerProvider()
+        self.provider.add_span_processor(export.SimpleSpanProcessor(self.exporter))
+
+    def spans(self) -> list[Any]:
+        return list(self.exporter.get_finished_spans())
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    recorder = Recorder()
+    yield recorder
+    recorder.provider.shutdown()
+
+
+def test_span_continues_traceparent(recorder: Recorder) -> None:
+    properties = {"traceparent": TRACEPARENT}
+    attributes = {"messaging.message.id": "msg-1", "orders.attempt": 1, "x": None}
+
+    with span_for_message(
+        properties,
+        "process ORDER_CREATED",
+        attributes,
+        tracer_provider=recorder.provider,
+    ) as span:
+        assert span is not None
+
+    [finished] = recorder.spans()
+    assert finished.name == "process ORDER_CREATED"
+    assert format(finished.context.trace_id, "032x") == TRACE_ID
+    assert format(finished.parent.span_id, "016x") == PARENT_SPAN_ID
+    assert finished.kind.name == "CONSUMER"
+    assert finished.attributes["messaging.system"] == "servicebus"
+    assert finished.attributes["messaging.message.id"] == "msg-1"
+    assert finished.attributes["orders.attempt"] == 1
+    assert "x" not in finished.attributes
+
+
+def test_span_continues_diagnostic_id(recorder: Recorder) -> None:
+    properties = {b"Diagnostic-Id": TRACEPARENT.encode()}
+
+    with span_for_message(properties, "process", tracer_provider=recorder.provider):
+        pass
+
+    [finished] = recorder.spans()
+    assert format(finished.context.trace_id, "032x") == TRACE_ID
+
+
+def test_span_without_headers_starts_trace(recorder: Recorder) -> None:
+    with span_for_message({}, "process", tracer_provider=recorder.provider):
+        pass
+
+    [finished] = recorder.spans()
+    assert finished.parent is None
+    assert format(finished.context.trace_id, "032x") != TRACE_ID
+
+
+def test_span_records_exception(recorder: Recorder) -> None:
+    with (
+        pytest.raises(ValueError, match="bad amount"),
+        span_for_message(
+            {"traceparent": TRACEPARENT}, "process", tracer_provider=recorder.provider
+        ),
+    ):
+        raise ValueError("bad amount")
+
+    [finished] = recorder.spans()
+    assert finished.status.status_code.name == "ERROR"
+    assert finished.events[0].name == "exception"
+
+
+def test_inject_inside_span_returns_context(recorder: Recorder) -> None:
+    with span_for_message(
+        {"traceparent": TRACEPARENT}, "publish", tracer_provider=recorder.provider
+    ):
+        headers = inject_traceparent()
+
+    [finished] = recorder.spans()
+    span_id = format(finished.context.span_id, "016x")
+    assert headers["traceparent"] == f"00-{TRACE_ID}-{span_id}-01"
+    assert headers["Diagnostic-Id"] == headers["traceparent"]
+    assert "tracestate" not in headers
+
+
+def test_inject_outside_span_is_empty() -> None:
+    pytest.importorskip("opentelemetry.trace")
+
+    assert inject_traceparent() == {}
+
+
+def test_injected_headers_round_trip(recorder: Recorder) -> None:
+    with span_for_message({}, "publish", tracer_provider=recorder.provider):
+        headers = inject_traceparent()
+    with span_for_message(headers, "process", tracer_provider=recorder.provider):
+        pass
+
+    publish, process = recorder.spans()
+    assert process.context.trace_id == publish.context.trace_id
+    assert process.parent.span_id == publish.context.span_id
