@@ -475,7 +475,7 @@ class SessionProcessor:
         metrics = self._metrics
         if decided.outcome is Outcome.COMPLETED:
             metrics.messages_completed.labels(*labels).inc()
-            log.debug("message_completed", order_id=message.session_id)
+            log.debug("message_completed")
         elif decided.outcome is Outcome.DUPLICATE:
             metrics.messages_duplicate.labels(*labels).inc()
             log.debug("message_skipped", reason="already handled")
