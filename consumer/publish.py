@@ -1,0 +1,463 @@
+"""Publishing order events to Service Bus with the properties the consumer relies on.
+
+Each message gets session id = `payload.orderId` (so one order's events are handled in
+sequence), subject = `eventType`, correlation id = `metadata.correlationId`, content
+type `application/json`, a message id (by default a hash of the event, so publishing
+the same event twice gives the same id) and optionally a W3C `traceparent` application
+property. Messages go out in size-limited batches in input order, which keeps every
+order's events in sequence. Transient send errors are retried with capped exponential
+backoff.
+
+NOTE: a batch may mix sessions. Partitioned entities may reject such batches; the local
+broker and non-partitioned queues accept them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSender
+from azure.servicebus.aio import ServiceBusClient as AsyncServiceBusClient
+from azure.servicebus.aio import ServiceBusSender as AsyncServiceBusSender
+from azure.servicebus.exceptions import (
+    MessageSizeExceededError,
+    OperationTimeoutError,
+    ServiceBusCommunicationError,
+    ServiceBusConnectionError,
+    ServiceBusError,
+    ServiceBusServerBusyError,
+)
+
+from consumer.config import Settings
+from consumer.errors import ConsumerError, TransportError
+from consumer.events import Event, event_to_json
+from consumer.redact import redact
+
+CONTENT_TYPE = "application/json"
+
+# Errors worth another attempt. azure-servicebus 7.15.0 marks these retryable only in
+# the private `_retryable` attribute, so the classes are listed instead. Authentication
+# errors are also marked retryable there but are left out: a retry does not fix a key.
+TRANSIENT_ERRORS: tuple[type[ServiceBusError], ...] = (
+    ServiceBusConnectionError,
+    ServiceBusCommunicationError,
+    OperationTimeoutError,
+    ServiceBusServerBusyError,
+)
+
+_log = structlog.get_logger("orders_consumer.publish")
+
+
+class InvalidEventError(ConsumerError, ValueError):
+    """An event that cannot be published, such as one without `payload.orderId`."""
+
+
+@dataclass(frozen=True)
+class SendRetryPolicy:
+    """Attempts per batch send and the capped exponential wait between them."""
+
+    attempts: int = 5
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+    def delay_s(self, attempt: int) -> float:
+        """Return the wait after failed attempt number `attempt` (1-based)."""
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """Counts of one publish call: messages and batches sent, send attempts retried."""
+
+    messages: int
+    batches: int
+    retries: int
+
+
+def message_id_for(event: Mapping[str, Any] | Event[Any]) -> str:
+    """Return a message id derived from the event's content (32 hex characters).
+
+    The id is the start of the SHA-256 of the event as JSON with sorted keys, so equal
+    events get equal ids and Service Bus duplicate detection can drop a resend.
+    """
+    data = json.loads(event_to_json(event)) if isinstance(event, Event) else event
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+
+def _required_text(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidEventError(
+            f"{where}.{key} is missing or not a non-empty string; every event needs it "
+            "because it sets the message's session id or subject"
+        )
+    return value
+
+
+def build_message(
+    event: Mapping[str, Any] | Event[Any],
+    *,
+    message_id: str | None = None,
+    traceparent: str | None = None,
+) -> ServiceBusMessage:
+    """Build the Service Bus message of one event (a dict as in JSON, or an `Event`).
+
+    Raises `InvalidEventError` when `eventType` or `payload.orderId` is missing.
+    """
+    if isinstance(event, Event):
+        data: Mapping[str, Any] = json.loads(event_to_json(event))
+    elif isinstance(event, Mapping):
+        data = event
+    else:
+        raise InvalidEventError(f"an event must be a JSON object, got {type(event)}")
+    payload = data.get("payload")
+    if not isinstance(payload, Mapping):
+        raise InvalidEventError("payload is missing or not a JSON object")
+    order_id = _required_text(payload, "orderId", "payload")
+    event_type = _required_text(data, "eventType", "event")
+    metadata = data.get("metadata")
+    correlation_id = (
+        metadata.get("correlationId") if isinstance(metadata, Mapping) else None
+    )
+
+    body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+    return ServiceBusMessage(
+        body,
+        session_id=order_id,
+        message_id=message_id or message_id_for(data),
+        subject=event_type,
+        correlation_id=correlation_id if isinstance(correlation_id, str) else None,
+        content_type=CONTENT_TYPE,
+        application_properties={"traceparent": traceparent} if traceparent else None,
+    )
+
+
+def build_messages(
+    events: Iterable[Mapping[str, Any] | Event[Any]], *, traceparent: str | None = None
+) -> list[ServiceBusMessage]:
+    """Build every event's message before anything is sent; errors name the index."""
+    messages = []
+    for index, event in enumerate(events):
+        try:
+            messages.append(build_message(event, traceparent=traceparent))
+        except InvalidEventError as error:
+            raise InvalidEventError(f"event {index}: {error}") from None
+    return messages
+
+
+def build_raw_message(
+    body: bytes | str,
+    session_id: str,
+    *,
+    message_id: str | None = None,
+    subject: str | None = None,
+    content_type: str | None = CONTENT_TYPE,
+) -> ServiceBusMessage:
+    """Build a message with any body and an explicit session id, unchecked.
+
+    Meant for tests and tools that send bodies the consumer must reject. The default
+    message id is a hash of the session id and the body.
+    """
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    if message_id is None:
+        digest = hashlib.sha256(session_id.encode("utf-8") + b"\0" + raw)
+        message_id = digest.hexdigest()[:32]
+    return ServiceBusMessage(
+        raw,
+        session_id=session_id,
+        message_id=message_id,
+        subject=subject,
+        content_type=content_type,
+    )
+
+
+def _log_retry(attempt: int, delay_s: float, error: ServiceBusError) -> None:
+    _log.warning(
+        "batch_send_retried",
+        attempt=attempt,
+        delay_s=delay_s,
+        error_type=type(error).__name__,
+        error=redact(str(error)),
+    )
+
+
+class _Batcher:
+    """Bookkeeping shared by the sync and async senders: counts and size errors."""
+
+    def __init__(self, retry: SendRetryPolicy) -> None:
+        self.retry = retry
+        self.messages = 0
+        self.batches = 0
+        self.retries = 0
+
+    def should_retry(self, attempt: int, error: ServiceBusError) -> float | None:
+        """Return the wait before another attempt, or None to give up."""
+        if not isinstance(error, TRANSIENT_ERRORS) or attempt >= self.retry.attempts:
+            return None
+        delay_s = self.retry.delay_s(attempt)
+        self.retries += 1
+        _log_retry(attempt, delay_s, error)
+        return delay_s
+
+    def result(self) -> PublishResult:
+        return PublishResult(self.messages, self.batches, self.retries)
+
+
+def _too_large(
+    message: ServiceBusMessage, error: MessageSizeExceededError
+) -> Exception:
+    return InvalidEventError(
+        f"message {message.message_id} (session {message.session_id}) does not fit "
+        f"in an empty batch: {error}"
+    )
+
+
+def send_batched(
+    sender: ServiceBusSender,
+    messages: Sequence[ServiceBusMessage],
+    *,
+    max_batch_bytes: int | None = None,
+    retry: SendRetryPolicy | None = None,
+) -> PublishResult:
+    """Send `messages` in order, in batches of at most `max_batch_bytes`.
+
+    The default limit is the sender link's maximum message size. A batch is sent when
+    the next message does not fit. Transient errors are retried per batch, and any
+    other `ServiceBusError` propagates.
+    """
+    batcher = _Batcher(retry or SendRetryPolicy())
+    batch = sender.create_message_batch(max_batch_bytes)
+    for message in messages:
+        try:
+            batch.add_message(message)
+            continue
+        except MessageSizeExceededError as error:
+            if len(batch) == 0:
+                raise _too_large(message, error) from None
+        _send_sync(sender, batch, batcher)
+        batch = sender.create_message_batch(max_batch_bytes)
+        try:
+            batch.add_message(message)
+        except MessageSizeExceededError as error:
+            raise _too_large(message, error) from None
+    if len(batch):
+        _send_sync(sender, batch, batcher)
+    return batcher.result()
+
+
+def _send_sync(sender: ServiceBusSender, batch: Any, batcher: _Batcher) -> None:
+    attempt = 1
+    while True:
+        try:
+            sender.send_messages(batch)
+        except ServiceBusError as error:
+            delay_s = batcher.should_retry(attempt, error)
+            if delay_s is None:
+                raise
+            time.sleep(delay_s)
+            attempt += 1
+            continue
+        batcher.messages += len(batch)
+        batcher.batches += 1
+        return
+
+
+async def send_batched_async(
+    sender: AsyncServiceBusSender,
+    messages: Sequence[ServiceBusMessage],
+    *,
+    max_batch_bytes: int | None = None,
+    retry: SendRetryPolicy | None = None,
+) -> PublishResult:
+    """Send `messages` like `send_batched`, on an `azure.servicebus.aio` sender."""
+    batcher = _Batcher(retry or SendRetryPolicy())
+    batch = await sender.create_message_batch(max_batch_bytes)
+    for message in messages:
+        try:
+            batch.add_message(message)
+            continue
+        except MessageSizeExceededError as error:
+            if len(batch) == 0:
+                raise _too_large(message, error) from None
+        await _send_async(sender, batch, batcher)
+        batch = await sender.create_message_batch(max_batch_bytes)
+        try:
+            batch.add_message(message)
+        except MessageSizeExceededError as error:
+            raise _too_large(message, error) from None
+    if len(batch):
+        await _send_async(sender, batch, batcher)
+    return batcher.result()
+
+
+async def _send_async(
+    sender: AsyncServiceBusSender, batch: Any, batcher: _Batcher
+) -> None:
+    attempt = 1
+    while True:
+        try:
+            await sender.send_messages(batch)
+        except ServiceBusError as error:
+            delay_s = batcher.should_retry(attempt, error)
+            if delay_s is None:
+                raise
+            await asyncio.sleep(delay_s)
+            attempt += 1
+            continue
+        batcher.messages += len(batch)
+        batcher.batches += 1
+        return
+
+
+def _connection_failed(settings: Settings, error: Exception) -> TransportError:
+    return TransportError(
+        f"publishing to {settings.entity_name} failed: {redact(str(error))}"
+    )
+
+
+@contextmanager
+def _open_sender(settings: Settings) -> Iterator[ServiceBusSender]:
+    """Open a client and a sender: the topic if a subscription is set, else queue."""
+    credential: Any = None
+    if settings.connection_string is not None:
+        secret = settings.connection_string.get_secret_value()
+        client = ServiceBusClient.from_connection_string(secret)
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+        namespace = str(settings.fully_qualified_namespace)
+        client = ServiceBusClient(namespace, credential=credential)
+    try:
+        with client:
+            if settings.subscription:
+                sender = client.get_topic_sender(topic_name=settings.entity_name)
+            else:
+                sender = client.get_queue_sender(queue_name=settings.entity_name)
+            with sender:
+                yield sender
+    finally:
+        if credential is not None:
+            credential.close()
+
+
+@asynccontextmanager
+async def _open_sender_async(
+    settings: Settings,
+) -> AsyncIterator[AsyncServiceBusSender]:
+    """Open an `aio` client and sender like `_open_sender`."""
+    credential: Any = None
+    if settings.connection_string is not None:
+        secret = settings.connection_string.get_secret_value()
+        client = AsyncServiceBusClient.from_connection_string(secret)
+    else:
+        from azure.identity.aio import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+        namespace = str(settings.fully_qualified_namespace)
+        client = AsyncServiceBusClient(namespace, credential=credential)
+    try:
+        async with client:
+            if settings.subscription:
+                sender = client.get_topic_sender(topic_name=settings.entity_name)
+            else:
+                sender = client.get_queue_sender(queue_name=settings.entity_name)
+            async with sender:
+                yield sender
+    finally:
+        if credential is not None:
+            await credential.close()
+
+
+def publish_sync(
+    settings: Settings,
+    messages: Sequence[ServiceBusMessage],
+    *,
+    max_batch_bytes: int | None = None,
+    retry: SendRetryPolicy | None = None,
+) -> PublishResult:
+    """Send `messages` to the entity of `settings` on a new client, then close it.
+
+    Raises `TransportError`, with secrets removed, when the broker cannot be reached or
+    a send fails after its retries.
+    """
+    try:
+        with _open_sender(settings) as sender:
+            return send_batched(
+                sender, messages, max_batch_bytes=max_batch_bytes, retry=retry
+            )
+    except (ServiceBusError, ValueError) as error:
+        if isinstance(error, InvalidEventError):
+            raise
+        raise _connection_failed(settings, error) from None
+
+
+async def publish_async(
+    settings: Settings,
+    messages: Sequence[ServiceBusMessage],
+    *,
+    max_batch_bytes: int | None = None,
+    retry: SendRetryPolicy | None = None,
+) -> PublishResult:
+    """Send `messages` like `publish_sync`, on an `azure.servicebus.aio` client."""
+    try:
+        async with _open_sender_async(settings) as sender:
+            return await send_batched_async(
+                sender, messages, max_batch_bytes=max_batch_bytes, retry=retry
+            )
+    except (ServiceBusError, ValueError) as error:
+        if isinstance(error, InvalidEventError):
+            raise
+        raise _connection_failed(settings, error) from None
+
+
+def publish_events_sync(
+    settings: Settings,
+    events: Iterable[Mapping[str, Any] | Event[Any]],
+    *,
+    traceparent: str | None = None,
+) -> int:
+    """Publish events to the entity of `settings`; return how many were sent.
+
+    Every event is checked before the first send, so bad input sends nothing.
+    """
+    messages = build_messages(events, traceparent=traceparent)
+    return publish_sync(settings, messages).messages
+
+
+async def publish_events_async(
+    settings: Settings,
+    events: Iterable[Mapping[str, Any] | Event[Any]],
+    *,
+    traceparent: str | None = None,
+) -> int:
+    """Publish events like `publish_events_sync`, on an `aio` client."""
+    messages = build_messages(events, traceparent=traceparent)
+    result = await publish_async(settings, messages)
+    return result.messages
+
+
+async def publish_raw_async(
+    settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
+) -> int:
+    """Publish `(session_id, body)` pairs as they are, for example invalid bodies."""
+    messages = [build_raw_message(body, session_id) for session_id, body in bodies]
+    result = await publish_async(settings, messages)
+    return result.messages
+
+
+def publish_raw_sync(
+    settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
+) -> int:
+    """Publish `(session_id, body)` pairs like `publish_raw_async`, synchronously."""
+    messages = [build_raw_message(body, session_id) for session_id, body in bodies]
+    return publish_sync(settings, messages).messages
