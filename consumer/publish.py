@@ -378,7 +378,7 @@ async def _open_sender_async(
             await credential.close()
 
 
-def publish_sync(
+def publish_messages_sync(
     settings: Settings,
     messages: Sequence[ServiceBusMessage],
     *,
@@ -401,14 +401,14 @@ def publish_sync(
         raise _connection_failed(settings, error) from None
 
 
-async def publish_async(
+async def publish_messages(
     settings: Settings,
     messages: Sequence[ServiceBusMessage],
     *,
     max_batch_bytes: int | None = None,
     retry: SendRetryPolicy | None = None,
 ) -> PublishResult:
-    """Send `messages` like `publish_sync`, on an `azure.servicebus.aio` client."""
+    """Send `messages` like `publish_messages_sync`, on an `aio` client."""
     try:
         async with _open_sender_async(settings) as sender:
             return await send_batched_async(
@@ -431,10 +431,10 @@ def publish_events_sync(
     Every event is checked before the first send, so bad input sends nothing.
     """
     messages = build_messages(events, traceparent=traceparent)
-    return publish_sync(settings, messages).messages
+    return publish_messages_sync(settings, messages).messages
 
 
-async def publish_events_async(
+async def publish_events(
     settings: Settings,
     events: Iterable[Mapping[str, Any] | Event[Any]],
     *,
@@ -442,22 +442,22 @@ async def publish_events_async(
 ) -> int:
     """Publish events like `publish_events_sync`, on an `aio` client."""
     messages = build_messages(events, traceparent=traceparent)
-    result = await publish_async(settings, messages)
+    result = await publish_messages(settings, messages)
     return result.messages
 
 
-async def publish_raw_async(
+async def publish_raw(
     settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
 ) -> int:
     """Publish `(session_id, body)` pairs as they are, for example invalid bodies."""
     messages = [build_raw_message(body, session_id) for session_id, body in bodies]
-    result = await publish_async(settings, messages)
+    result = await publish_messages(settings, messages)
     return result.messages
 
 
 def publish_raw_sync(
     settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
 ) -> int:
-    """Publish `(session_id, body)` pairs like `publish_raw_async`, synchronously."""
+    """Publish `(session_id, body)` pairs like `publish_raw`, synchronously."""
     messages = [build_raw_message(body, session_id) for session_id, body in bodies]
-    return publish_sync(settings, messages).messages
+    return publish_messages_sync(settings, messages).messages
