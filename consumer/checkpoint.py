@@ -81,6 +81,15 @@ class SessionCheckpoint:
         numbers = self.deferred_sequence_numbers + (sequence_number,)
         return replace(self, deferred_sequence_numbers=numbers)
 
+    def without_deferred(self, sequence_number: int) -> SessionCheckpoint:
+        """Return the checkpoint after the deferred `sequence_number` was settled."""
+        numbers = tuple(
+            number
+            for number in self.deferred_sequence_numbers
+            if number != sequence_number
+        )
+        return replace(self, deferred_sequence_numbers=numbers)
+
     def encode(self) -> bytes:
         """Return the state as UTF-8 JSON for `set_state`."""
         document: dict[str, Any] = {

@@ -58,7 +58,7 @@ def run(
     try:
         settings = load_settings(env)
         app = ConsumerApp(settings)
-        _install_bundled_handlers(app)
+        store = _install_bundled_handlers(app)
     except ConfigurationError as error:
         raise _fail(str(error), EXIT_CONFIGURATION) from None
     log_format = settings.log_format or ("console" if env == "dev" else "json")
@@ -73,12 +73,13 @@ def run(
         raise _fail(str(error), EXIT_FAILED) from None
     finally:
         server.stop()
+        store.close()
 
 
-def _install_bundled_handlers(app: Any) -> None:
+def _install_bundled_handlers(app: Any) -> Any:
     import handlers
 
-    handlers.install(app)
+    return handlers.install(app)
 
 
 @cli.command(
@@ -100,7 +101,7 @@ def publish(
     """Publish events to the configured entity, with session id = payload.orderId."""
     from consumer.config import load_settings
     from consumer.generate import read_jsonl
-    from consumer.publish import publish_events_sync
+    from consumer.publish import InvalidEventError, publish_events_sync
 
     try:
         settings = load_settings(env)
@@ -109,6 +110,8 @@ def publish(
         raise _fail(str(error), EXIT_CONFIGURATION) from None
     try:
         count = publish_events_sync(settings, events)
+    except InvalidEventError as error:
+        raise _fail(f"{file}: {error}", EXIT_CONFIGURATION) from None
     except TransportError as error:
         raise _fail(str(error), EXIT_FAILED) from None
     typer.echo(f"published {count} events to {settings.entity_name}")

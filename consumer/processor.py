@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import structlog
 
@@ -27,6 +28,7 @@ from consumer.settlement import Outcome, Settlement
 from consumer.transport import InboundMessage, SessionReceiver, Transport
 
 log = structlog.get_logger("orders_consumer.processor")
+T = TypeVar("T")
 
 # Pipeline: the app's parse-and-handle step. It returns the settlement to apply and
 # must watch the event it is given, which is set once the session lock is lost.
@@ -41,6 +43,27 @@ RENEW_DEFAULT_INTERVAL_S = 5.0
 # Accept failures back off from this to the cap, so a broker outage costs no CPU.
 RECONNECT_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 10.0
+
+
+async def _unless_set(
+    operation: Awaitable[T], *events: asyncio.Event
+) -> tuple[bool, T | None]:
+    """Await `operation` unless one of `events` is set first, which cancels it.
+
+    Return whether the operation finished, and its result (None when cancelled).
+    """
+    task = asyncio.ensure_future(operation)
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False, None
 
 
 class BrokerUnavailable(TransportError):
@@ -168,7 +191,7 @@ class SessionProcessor:
         while not self._stopping.is_set():
             try:
                 receiver = await self._accept()
-            except TransportError as error:
+            except Exception as error:  # noqa: BLE001 - keep the slot alive
                 self._on_connection_error(error)
                 await self._sleep_unless_stopping(backoff_s)
                 backoff_s = min(backoff_s * 2, RECONNECT_MAX_BACKOFF_S)
@@ -180,30 +203,19 @@ class SessionProcessor:
             await self._hold(receiver)
 
     async def _accept(self) -> SessionReceiver | None:
-        accept = asyncio.ensure_future(
-            self._transport.accept_session(self._settings.accept_timeout_s)
-        )
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({accept, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if not accept.done():
-            accept.cancel()
-            await asyncio.gather(accept, return_exceptions=True)
-            return None
-        receiver = accept.result()
+        accept = self._transport.accept_session(self._settings.accept_timeout_s)
+        done, receiver = await _unless_set(accept, self._stopping)
         if receiver is not None and self._stopping.is_set():
             self._close_in_background(receiver)
             return None
-        return receiver
+        return receiver if done else None
 
     def _on_connected(self) -> None:
         self._last_connected = time.monotonic()
         self._set_health("set_connected", True)
         self._metrics.connection_up.labels(self._entity).set(1)
 
-    def _on_connection_error(self, error: TransportError) -> None:
+    def _on_connection_error(self, error: Exception) -> None:
         self._set_health("set_connected", False)
         self._metrics.connection_up.labels(self._entity).set(0)
         if self._limiter.allow("accept_failed"):
@@ -237,6 +249,8 @@ class SessionProcessor:
                 order_id=held.session_id,
                 error=log_exception_text(error),
             )
+        except Exception:  # noqa: BLE001 - one session's bug must not stop the slot
+            log.exception("session_worker_crashed", order_id=held.session_id)
         finally:
             renewer.cancel()
             self._held -= 1
@@ -287,26 +301,15 @@ class SessionProcessor:
     async def _receive_unless_stopping(
         self, held: HeldSession, idle_s: float
     ) -> InboundMessage | None:
-        receive = asyncio.ensure_future(held.receiver.receive(idle_s))
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        lost = asyncio.ensure_future(held.lock_lost.wait())
-        try:
-            await asyncio.wait(
-                {receive, stopping, lost}, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            stopping.cancel()
-            lost.cancel()
-        if receive.done():
-            return receive.result()
-        # Draining or lock lost: a message that arrives after this point stays
-        # unsettled and returns to the broker when the receiver closes.
-        receive.cancel()
-        await asyncio.gather(receive, return_exceptions=True)
-        return None
+        # Draining or lock lost: a message that arrives after the receive is cancelled
+        # stays unsettled and returns to the broker when the receiver closes.
+        receive = held.receiver.receive(idle_s)
+        _, message = await _unless_set(receive, self._stopping, held.lock_lost)
+        return message
 
     async def _load_checkpoint(self, held: HeldSession) -> SessionCheckpoint:
-        if not self._uses_session_state():
+        settings = self._settings
+        if not settings.checkpoint and settings.poison_policy != "park":
             return SessionCheckpoint()
         state = await held.receiver.get_state()
         try:
@@ -321,9 +324,6 @@ class SessionProcessor:
         if checkpoint.parked is not None:
             self._metrics.sessions_parked.labels(self._entity).inc()
         return checkpoint
-
-    def _uses_session_state(self) -> bool:
-        return self._settings.checkpoint or self._settings.poison_policy == "park"
 
     async def _resume_deferred(self, held: HeldSession) -> bool:
         """Handle the deferred messages of an unparked order, oldest first.
@@ -342,14 +342,7 @@ class SessionProcessor:
                 return False
             if not await self._handle(held, message, deferred=True):
                 return False
-            remaining = tuple(
-                number
-                for number in held.checkpoint.deferred_sequence_numbers
-                if number != message.sequence_number
-            )
-            held.checkpoint = replace(
-                held.checkpoint, deferred_sequence_numbers=remaining
-            )
+            held.checkpoint = held.checkpoint.without_deferred(message.sequence_number)
             await self._save_checkpoint(held)
             if held.checkpoint.parked is not None:
                 # Parked again: the rest stays deferred, still listed in the state.
@@ -388,7 +381,7 @@ class SessionProcessor:
                 raise
             finally:
                 held.message_started_at = None
-        self._observe(message, decided, event_type)
+        settlement.record(self._metrics, self._entity, event_type, message, decided)
         return not decided.releases_session
 
     async def _decide(
@@ -467,38 +460,6 @@ class SessionProcessor:
             await asyncio.shield(held.receiver.abandon(message))
         except TransportError as error:
             log.warning("abandon_failed", error=log_exception_text(error))
-
-    def _observe(
-        self, message: InboundMessage, decided: Settlement, event_type: str
-    ) -> None:
-        labels = (self._entity, event_type)
-        metrics = self._metrics
-        if decided.outcome is Outcome.COMPLETED:
-            metrics.messages_completed.labels(*labels).inc()
-            log.debug("message_completed")
-        elif decided.outcome is Outcome.DUPLICATE:
-            metrics.messages_duplicate.labels(*labels).inc()
-            log.debug("message_skipped", reason="already handled")
-        elif decided.outcome is Outcome.IGNORED:
-            metrics.messages_ignored.labels(*labels).inc()
-            log.info("message_ignored", reason=decided.reason)
-        elif decided.outcome is Outcome.DEFERRED:
-            metrics.messages_deferred.labels(*labels).inc()
-            log.info("message_deferred", sequence_number=message.sequence_number)
-        elif decided.outcome is Outcome.ABANDONED:
-            metrics.messages_abandoned.labels(*labels).inc()
-            log.warning("message_abandoned", error=decided.description)
-        else:
-            reason = metrics.reason_label(decided.reason)
-            metrics.messages_dead_lettered.labels(*labels, reason).inc()
-            log.error(
-                "message_dead_lettered",
-                reason=decided.reason,
-                description=decided.description,
-            )
-        if message.enqueued_at is not None:
-            lag_s = (datetime.now(UTC) - message.enqueued_at).total_seconds()
-            metrics.end_to_end_lag.labels(*labels).observe(max(lag_s, 0.0))
 
     async def _renew_lock(self, held: HeldSession) -> None:
         """Renew the session lock until cancelled or lost.

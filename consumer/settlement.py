@@ -24,10 +24,16 @@ A lost session lock is not in the table: the worker settles nothing and stops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
+import structlog
+
 from consumer.errors import DeadLetter, PermanentError
+from consumer.metrics import ConsumerMetrics
 from consumer.transport import InboundMessage, SessionReceiver
+
+log = structlog.get_logger("orders_consumer.settlement")
 
 # Service Bus stores the reason and description as application properties; the limit
 # below keeps them readable in tools and well under the message size limits.
@@ -172,3 +178,41 @@ async def apply(
         await receiver.defer(message)
     else:
         await receiver.dead_letter(message, settlement.reason, settlement.description)
+
+
+def record(
+    metrics: ConsumerMetrics,
+    entity: str,
+    event_type: str,
+    message: InboundMessage,
+    settlement: Settlement,
+) -> None:
+    """Count and log an applied settlement; `event_type` is a bounded label value."""
+    labels = (entity, event_type)
+    outcome = settlement.outcome
+    if outcome is Outcome.COMPLETED:
+        metrics.messages_completed.labels(*labels).inc()
+        log.debug("message_completed")
+    elif outcome is Outcome.DUPLICATE:
+        metrics.messages_duplicate.labels(*labels).inc()
+        log.debug("message_skipped", reason="already handled")
+    elif outcome is Outcome.IGNORED:
+        metrics.messages_ignored.labels(*labels).inc()
+        log.info("message_ignored", reason=settlement.reason)
+    elif outcome is Outcome.DEFERRED:
+        metrics.messages_deferred.labels(*labels).inc()
+        log.info("message_deferred")
+    elif outcome is Outcome.ABANDONED:
+        metrics.messages_abandoned.labels(*labels).inc()
+        log.warning("message_abandoned", error=settlement.description)
+    else:
+        reason = metrics.reason_label(settlement.reason)
+        metrics.messages_dead_lettered.labels(*labels, reason).inc()
+        log.error(
+            "message_dead_lettered",
+            reason=settlement.reason,
+            description=settlement.description,
+        )
+    if message.enqueued_at is not None:
+        lag_s = (datetime.now(UTC) - message.enqueued_at).total_seconds()
+        metrics.end_to_end_lag.labels(*labels).observe(max(lag_s, 0.0))
