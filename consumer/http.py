@@ -1,7 +1,7 @@
 """Operations HTTP server: `/metrics`, `/healthz` and `/readyz` on one port.
 
 - `/metrics` serves the registry in the Prometheus text format (or OpenMetrics when the
-  scraper asks for it in `Accept`).
+  scraper requests it in `Accept`).
 - `/healthz` (liveness) returns 200 while the event loop has called `HealthState.beat()`
   within `stall_after_s` seconds, else 503, so a hung loop gets the pod restarted.
 - `/readyz` (readiness) returns 200 while the consumer is connected to the broker and
@@ -137,8 +137,8 @@ def _make_handler(
                 self._send_json(health.ready(), health.readiness_body())
             else:
                 # The path is echoed shortened, so a long URL cannot inflate the reply.
-                shown = path[:100]
-                message = f"not found: {shown}; use /metrics, /healthz or /readyz"
+                shown_path = path[:100]
+                message = f"not found: {shown_path}; use /metrics, /healthz or /readyz"
                 body = {"error": message}
                 self._send(HTTPStatus.NOT_FOUND, "application/json", _dump(body))
 
@@ -177,8 +177,8 @@ class OpsServer:
     """HTTP server for `/metrics`, `/healthz` and `/readyz` in a background thread.
 
     Binds `host:port` when `start()` is called; port 0 lets the OS pick a free port,
-    readable from `.port` after `start()`. Listens on 127.0.0.1 unless `host` says
-    otherwise (a Kubernetes pod needs 0.0.0.0 so the kubelet can probe it).
+    readable from `.port` after `start()`. Listens on 127.0.0.1 unless `host` is set
+    to another address (a Kubernetes pod needs 0.0.0.0 so the kubelet can probe it).
     """
 
     def __init__(

@@ -225,8 +225,8 @@ def _route_stdlib_logging(
 def bind_message_context(**ids: Any) -> None:
     """Bind the ids of the message being handled to every later log line of this task.
 
-    Accepts the names in `MESSAGE_CONTEXT_KEYS`; a value of None is skipped. The ids
-    live in a `contextvars` context, so each asyncio task sees only its own message.
+    Accepts the names in `MESSAGE_CONTEXT_KEYS` and skips values that are None. The
+    ids live in a `contextvars` context, so each asyncio task logs only its own ids.
     """
     unknown = sorted(set(ids) - set(MESSAGE_CONTEXT_KEYS))
     if unknown:

@@ -224,8 +224,8 @@ class ConsumerMetrics:
         """Return a bounded `reason` label value for a dead-letter reason.
 
         Known framework reasons always pass. Other identifier-like reasons pass until
-        `MAX_EXTRA_REASONS` distinct ones have been seen; later new ones and anything
-        that is not an identifier (free text, empty, None) become "other".
+        `MAX_EXTRA_REASONS` distinct ones have been seen. After that, new ones become
+        "other", as does anything that is not an identifier (free text, empty, None).
         """
         if not reason:
             return OTHER_REASON

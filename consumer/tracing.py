@@ -106,7 +106,7 @@ def span_for_message(
 def inject_traceparent() -> dict[str, str]:
     """Return the current trace context as message application properties.
 
-    The result holds `traceparent`, `tracestate` when not empty, and `Diagnostic-Id`
+    The result contains `traceparent`, `tracestate` when not empty, and `Diagnostic-Id`
     with the `traceparent` value for consumers that read the older name. It is empty
     when opentelemetry-api is not installed or no span is active.
     """

@@ -1,4 +1,7 @@
-"""The /metrics, /healthz and /readyz endpoints over real HTTP on 127.0.0.1."""
+"""The /metrics, /healthz and /readyz endpoints over real HTTP on 127.0.0.1.
+
+The last tests check that the example Dockerfile and Kubernetes files probe them.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,20 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from consumer.config import ENV_PREFIX, Settings
 from consumer.errors import ConfigurationError
-from consumer.http import HealthState, OpsServer, run_heartbeat
+from consumer.http import DEFAULT_PORT, HealthState, OpsServer, run_heartbeat
 from consumer.metrics import ConsumerMetrics
 
 
 class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
+    """A monotonic clock that the test advances by hand."""
 
     def __init__(self) -> None:
         self.now = 500.0
@@ -218,3 +224,104 @@ async def test_heartbeat_task_keeps_alive(clock: FakeClock) -> None:
     assert health.alive()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# The example deployment must probe the paths and port that OpsServer serves. These
+# checks parse the files only: no container engine or cluster is used.
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+
+
+def _documents(name: str) -> dict[str, dict[str, Any]]:
+    text = (KUBERNETES / name).read_text(encoding="utf-8")
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(text) if doc}
+
+
+def _container() -> dict[str, Any]:
+    deployment = _documents("deployment.yaml")["Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item for item in container["env"]}
+
+
+def test_deployment_probes_match_server() -> None:
+    container = _container()
+    [port] = container["ports"]
+
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["port"] == port["name"]
+    assert container["readinessProbe"]["httpGet"]["port"] == port["name"]
+    assert port["containerPort"] == DEFAULT_PORT
+    assert _env(container)["ORDERS_CONSUMER_METRICS_PORT"]["value"] == str(DEFAULT_PORT)
+    assert _env(container)["ORDERS_CONSUMER_METRICS_HOST"]["value"] == "0.0.0.0"
+
+
+def test_deployment_env_names_are_settings() -> None:
+    for name in _env(_container()):
+        field = name.removeprefix(ENV_PREFIX).lower()
+        assert name.startswith(ENV_PREFIX)
+        assert field in Settings.model_fields, f"{name} sets no Settings field"
+
+
+def test_deployment_reads_secret_keys() -> None:
+    secret = _documents("secret.example.yaml")["Secret"]
+    source = _env(_container())["ORDERS_CONSUMER_CONNECTION_STRING"]["valueFrom"]
+    reference = source["secretKeyRef"]
+
+    assert reference["name"] == secret["metadata"]["name"]
+    assert reference["key"] in secret["stringData"]
+
+
+def test_deployment_runs_as_image_user() -> None:
+    deployment = _documents("deployment.yaml")["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")
+    prod = yaml.safe_load((REPO_ROOT / "config" / "prod.yaml").read_text("utf-8"))
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert f"ARG UID={pod['securityContext']['runAsUser']}" in dockerfile
+    assert pod["terminationGracePeriodSeconds"] > prod["shutdown_grace_s"]
+    assert _container()["args"] == ["run", "--env", "prod"]
+
+
+def test_dockerfile_is_slim_and_non_root() -> None:
+    lines = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    stages = [line for line in lines if line.startswith("FROM ")]
+
+    assert stages
+    for stage in stages:
+        assert stage.startswith("FROM python:3.11-slim")
+    assert "USER ${UID}" in lines
+    assert 'ENTRYPOINT ["orders-consumer"]' in lines
+    assert 'CMD ["run", "--env", "prod"]' in lines
+
+
+def test_scaled_object_targets_deployment() -> None:
+    documents = _documents("scaledobject.yaml")
+    scaled = documents["ScaledObject"]["spec"]
+    authentication = documents["TriggerAuthentication"]
+    secret = _documents("secret.example.yaml")["Secret"]
+    [trigger] = scaled["triggers"]
+    [secret_ref] = authentication["spec"]["secretTargetRef"]
+    entity = _env(_container())["ORDERS_CONSUMER_ENTITY"]["value"]
+
+    assert scaled["scaleTargetRef"]["name"] == "orders-consumer"
+    assert trigger["type"] == "azure-servicebus"
+    assert trigger["metadata"]["queueName"] == entity
+    assert int(trigger["metadata"]["messageCount"]) > 0
+    assert trigger["authenticationRef"]["name"] == authentication["metadata"]["name"]
+    assert secret_ref["parameter"] == "connection"
+    assert secret_ref["key"] in secret["stringData"]
+    assert scaled["minReplicaCount"] >= 1
+
+
+def test_kustomization_lists_existing_files() -> None:
+    kustomization = _documents("kustomization.yaml")["Kustomization"]
+
+    for resource in kustomization["resources"]:
+        assert (KUBERNETES / resource).is_file()

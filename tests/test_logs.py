@@ -265,7 +265,7 @@ def test_docstring_has_level_table() -> None:
 
 
 class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
+    """A monotonic clock that the test advances by hand."""
 
     def __init__(self) -> None:
         self.now = 1000.0
