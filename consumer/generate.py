@@ -159,7 +159,7 @@ class _OrderBuilder:
             self.emit("ORDER_UPDATED", items=items, totalAmount=_total(items))
         return _total(items)
 
-    def pay_and_fulfil(self, amount: float, currency: str, payment_id: str) -> None:
+    def capture_and_ship(self, amount: float, currency: str, payment_id: str) -> None:
         money = {"paymentId": payment_id, "amount": amount, "currency": currency}
         self.emit("PAYMENT_CAPTURED", **money)
         self.emit("FULFILLMENT_STARTED", warehouseId=f"WH-{self.rng.randint(1, 9)}")
@@ -191,7 +191,7 @@ class _OrderBuilder:
             self.emit("ORDER_CANCELLED", reason=self.rng.choice(CANCEL_REASONS))
             self.notify("order_cancellation")
         else:
-            self.pay_and_fulfil(total, currency, payment_id)
+            self.capture_and_ship(total, currency, payment_id)
             if self.rng.random() < odds.refund:
                 self.emit("PAYMENT_REFUNDED", **money)
                 self.notify("payment_update")

@@ -85,20 +85,20 @@ class PublishResult:
 def message_id_for(event: Mapping[str, Any] | Event[Any]) -> str:
     """Return a message id derived from the event's content (32 hex characters).
 
-    The id is the start of the SHA-256 of the event as JSON with sorted keys, so equal
-    events get equal ids and Service Bus duplicate detection can drop a resend.
+    The id is the first 32 hex digits of the SHA-256 of the event as JSON with sorted
+    keys. A resent event keeps its id, so an entity with duplicate detection drops it.
     """
     data = json.loads(event_to_json(event)) if isinstance(event, Event) else event
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
-def _required_text(data: Mapping[str, Any], key: str, where: str) -> str:
-    value = data.get(key)
+def _required_text(data: Mapping[str, Any], path: str, purpose: str) -> str:
+    value = data.get(path.rpartition(".")[2])
     if not isinstance(value, str) or not value:
         raise InvalidEventError(
-            f"{where}.{key} is missing or not a non-empty string; every event needs it "
-            "because it sets the message's session id or subject"
+            f"{path} is missing or not a non-empty string, but every event needs it "
+            f"as the message's {purpose}"
         )
     return value
 
@@ -122,8 +122,8 @@ def build_message(
     payload = data.get("payload")
     if not isinstance(payload, Mapping):
         raise InvalidEventError("payload is missing or not a JSON object")
-    order_id = _required_text(payload, "orderId", "payload")
-    event_type = _required_text(data, "eventType", "event")
+    order_id = _required_text(payload, "payload.orderId", "session id")
+    event_type = _required_text(data, "eventType", "subject")
     metadata = data.get("metadata")
     correlation_id = (
         metadata.get("correlationId") if isinstance(metadata, Mapping) else None
@@ -191,7 +191,7 @@ def _log_retry(attempt: int, delay_s: float, error: ServiceBusError) -> None:
 
 
 class _Batcher:
-    """Bookkeeping shared by the sync and async senders: counts and size errors."""
+    """Counts and retry decisions shared by the sync and async senders."""
 
     def __init__(self, retry: SendRetryPolicy) -> None:
         self.retry = retry

@@ -96,10 +96,10 @@ ALLOWED_FROM: dict[str, frozenset[OrderStatus]] = {
 }
 
 
-def _reject(order: Projection, event_type: str, why: str) -> InvalidTransition:
+def _reject(order: Projection, event_type: str, reason: str) -> InvalidTransition:
     return InvalidTransition(
         f"{event_type} is impossible for order {order.order_id} "
-        f"(status {order.status.value}): {why}"
+        f"(status {order.status.value}): {reason}"
     )
 
 
@@ -107,17 +107,17 @@ def _check_allowed(order: Projection, event_type: str) -> None:
     if order.status in ALLOWED_FROM[event_type]:
         return
     if order.status is OrderStatus.CANCELLED:
-        why = "the order was cancelled"
+        reason = "the order was cancelled"
     elif order.status in (OrderStatus.DELIVERED, OrderStatus.REFUNDED):
-        why = f"the order is already {order.status.value}"
+        reason = f"the order is already {order.status.value}"
     elif event_type in ("ORDER_SHIPPED", "FULFILLMENT_STARTED") and not (
         order.amount_captured
     ):
-        why = "the payment has not been captured yet"
+        reason = "the payment has not been captured yet"
     else:
         allowed = sorted(status.value for status in ALLOWED_FROM[event_type])
-        why = f"it is only possible in status {', '.join(allowed)}"
-    raise _reject(order, event_type, why)
+        reason = f"it is only possible in status {', '.join(allowed)}"
+    raise _reject(order, event_type, reason)
 
 
 def _check_currency(order: Projection, event_type: str, currency: str) -> None:

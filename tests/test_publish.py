@@ -90,7 +90,7 @@ def test_missing_correlation_id_is_allowed(events: list[dict[str, Any]]) -> None
         ({"payload": {"orderId": ""}}, "payload.orderId is missing"),
         ({"payload": {"orderId": 42}}, "payload.orderId is missing"),
         ({"payload": None}, "payload is missing"),
-        ({"eventType": None}, "event.eventType is missing"),
+        ({"eventType": None}, "eventType is missing"),
     ],
 )
 def test_bad_input_raises(
