@@ -1,0 +1,535 @@
+"""The python-qpid-proton edge of the broker: connections, links and dispositions.
+
+All protocol work happens on the proton container's thread. Each handler applies a
+client request to `BrokerState` and then feeds the receivers named by the state's
+events, so a waiting receiver or accept is woken by the arrival itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from proton import (
+    Condition,
+    Delivery,
+    Disposition,
+    Endpoint,
+    Event,
+    Handler,
+    Link,
+    Receiver,
+    Sender,
+    symbol,
+)
+from proton.reactor import Container
+
+from localbus.auth import SharedAccessKey
+from localbus.codec import (
+    MalformedMessage,
+    encode_delivery,
+    read_incoming,
+    split_batch,
+    tag_of,
+)
+from localbus.errors import (
+    DECODE_ERROR,
+    MESSAGE_SIZE_EXCEEDED,
+    SESSION_LOCK_LOST,
+    TIMEOUT,
+    UNAUTHORIZED,
+    BrokerError,
+)
+from localbus.management import ManagementRequest, handle_cbs, handle_management
+from localbus.paths import entity_path
+from localbus.records import MessagesReady, Outcome, SessionGranted, SessionLost
+from localbus.state import BrokerState
+
+log = logging.getLogger("localbus")
+
+SESSION_FILTER = symbol("com.microsoft:session-filter")
+LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
+ACCEPT_TIMEOUT = symbol("com.microsoft:timeout")
+DEAD_LETTER_REASON = "DeadLetterReason"
+DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
+# .NET ticks (100 ns since 0001-01-01) at the Unix epoch.
+DOTNET_EPOCH_TICKS = 621_355_968_000_000_000
+# Service Bus waits up to 65 s for a next-available session when the client sets no timeout.
+DEFAULT_ACCEPT_TIMEOUT_S = 65.0
+SEND_CREDIT = 200
+# Application events injected from other threads by `localbus.testing`.
+CALL_EVENT = "localbus_call"
+STOP_EVENT = "localbus_stop"
+
+
+def dotnet_ticks(epoch_ms: int) -> int:
+    """Convert epoch milliseconds to .NET ticks, as `locked-until-utc` expects."""
+    return epoch_ms * 10_000 + DOTNET_EPOCH_TICKS
+
+
+class _Timer(Handler):
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def on_timer_task(self, event: Event) -> None:
+        self._callback()
+
+
+class BrokerHandler(Handler):
+    """Proton handler that serves every connection of one broker."""
+
+    def __init__(
+        self,
+        state: BrokerState,
+        host: str,
+        port: int,
+        access_key: SharedAccessKey,
+        require_auth: bool = False,
+        on_listening: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self._host = host
+        self._port = port
+        self._access_key = access_key
+        self._require_auth = require_auth
+        self._on_listening = on_listening
+        self._container: Container | None = None
+        self._receive_links: dict[int, Sender] = {}
+        self._receiver_ids = itertools.count(1)
+        self._timer: Any = None
+        self._timer_at: float | None = None
+        self.acceptor: Any = None
+        self.injector: Any = None
+
+    # Container and connection life cycle ----------------------------------------
+
+    def on_reactor_init(self, event: Event) -> None:
+        self._container = event.container
+        self.acceptor = event.container.acceptor(self._host, self._port)
+        port = self.acceptor._selectable.getsockname()[1]
+        log.info("broker_listening host=%s port=%s", self._host, port)
+        if self._on_listening is not None:
+            self._on_listening(port)
+        self._arm_timer()
+
+    def on_localbus_call(self, event: Event) -> None:
+        event.subject()
+        self._after_change()
+
+    def on_localbus_stop(self, event: Event) -> None:
+        log.info("broker_stopping")
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.injector is not None:
+            self.injector.close()
+        assert self._container is not None
+        self._container.stop()
+
+    def on_connection_bound(self, event: Event) -> None:
+        sasl = event.transport.sasl()
+        sasl.allowed_mechs("ANONYMOUS")
+        event.connection.localbus_audiences = set()
+        event.connection.localbus_receivers = set()
+
+    def on_connection_remote_open(self, event: Event) -> None:
+        if event.connection.state & Endpoint.LOCAL_UNINIT:
+            event.connection.open()
+
+    def on_session_remote_open(self, event: Event) -> None:
+        if event.session.state & Endpoint.LOCAL_UNINIT:
+            event.session.open()
+
+    def on_connection_remote_close(self, event: Event) -> None:
+        self._release_connection(event.connection)
+        event.connection.close()
+
+    def on_session_remote_close(self, event: Event) -> None:
+        link = event.session.connection.link_head(0)
+        while link is not None:
+            if link.session == event.session:
+                self._forget_link(link)
+            link = link.next(0)
+        event.session.close()
+
+    def on_transport_closed(self, event: Event) -> None:
+        if event.connection is not None:
+            self._release_connection(event.connection)
+
+    def on_transport_error(self, event: Event) -> None:
+        condition = event.transport.condition
+        log.warning(
+            "connection_failed error=%s", condition.description if condition else None
+        )
+
+    def _release_connection(self, connection: Any) -> None:
+        receivers = getattr(connection, "localbus_receivers", set())
+        for receiver_id in list(receivers):
+            self._drop_receiver(receiver_id)
+        receivers.clear()
+        self._after_change()
+
+    # Links ----------------------------------------------------------------------
+
+    def on_link_remote_open(self, event: Event) -> None:
+        link = event.link
+        if not link.state & Endpoint.LOCAL_UNINIT:
+            return
+        if link.is_receiver:
+            self._open_incoming_link(link)
+        else:
+            self._open_outgoing_link(link)
+        self._after_change()
+
+    def on_link_remote_close(self, event: Event) -> None:
+        self._forget_link(event.link)
+        if event.link.state & Endpoint.LOCAL_ACTIVE:
+            event.link.close()
+        self._after_change()
+
+    def on_link_flow(self, event: Event) -> None:
+        link = event.link
+        receiver_id = getattr(link, "localbus_receiver_id", None)
+        if link.is_sender and receiver_id is not None:
+            self._pump(link, receiver_id)
+
+    def _forget_link(self, link: Link) -> None:
+        receiver_id = getattr(link, "localbus_receiver_id", None)
+        if receiver_id is not None:
+            self._drop_receiver(receiver_id)
+            link.localbus_receiver_id = None
+
+    def _drop_receiver(self, receiver_id: int) -> None:
+        link = self._receive_links.pop(receiver_id, None)
+        if link is None:
+            return
+        timer = getattr(link, "localbus_accept_timer", None)
+        if timer is not None:
+            timer.cancel()
+        link.connection.localbus_receivers.discard(receiver_id)
+        self.state.detach_receiver(receiver_id)
+
+    def _open_incoming_link(self, link: Receiver) -> None:
+        """Attach a link the client sends on: an entity, `$cbs` or `$management`."""
+        path = entity_path(link.remote_target.address)
+        link.target.address = link.remote_target.address
+        link.source.address = link.remote_source.address
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = link.remote_rcv_settle_mode
+        kind = _link_kind(path)
+        link.localbus_kind = kind
+        link.localbus_path = path
+        if kind == "entity":
+            try:
+                target = self.state.target_for(path)
+                self._check_authorized(link, path)
+            except BrokerError as error:
+                self._refuse(link, error)
+                return
+            link.max_message_size = target.max_message_size_bytes
+        link.open()
+        link.flow(SEND_CREDIT)
+
+    def _open_outgoing_link(self, link: Sender) -> None:
+        """Attach a link the client receives on: replies or an entity's messages."""
+        path = entity_path(link.remote_source.address)
+        link.source.address = link.remote_source.address
+        link.target.address = link.remote_target.address
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = link.remote_rcv_settle_mode
+        if _link_kind(path) != "entity":
+            link.session.localbus_replies = {
+                **getattr(link.session, "localbus_replies", {}),
+                path.lower(): link,
+            }
+            link.open()
+            return
+        self._attach_receiver(link, path)
+
+    def _attach_receiver(self, link: Sender, path: str) -> None:
+        filters = _read_filters(link)
+        has_filter = SESSION_FILTER in filters
+        session_id = filters.get(SESSION_FILTER)
+        receiver_id = next(self._receiver_ids)
+        try:
+            self._check_authorized(link, path)
+            result = self.state.attach_receiver(
+                receiver_id,
+                path,
+                session_id=None if session_id is None else str(session_id),
+                session_filter=has_filter,
+                receive_and_delete=link.remote_snd_settle_mode == Link.SND_SETTLED,
+            )
+        except BrokerError as error:
+            self._refuse(link, error)
+            return
+        link.localbus_receiver_id = receiver_id
+        link.localbus_path = path
+        link.localbus_session_filter = has_filter
+        self._receive_links[receiver_id] = link
+        link.connection.localbus_receivers.add(receiver_id)
+        if result.waiting:
+            self._wait_for_session(link, receiver_id)
+            return
+        self._complete_attach(link, result.session_id, result.locked_until_ms)
+
+    def _wait_for_session(self, link: Sender, receiver_id: int) -> None:
+        properties = link.remote_properties or {}
+        timeout_ms = properties.get(ACCEPT_TIMEOUT)
+        delay_s = timeout_ms / 1000 if timeout_ms else DEFAULT_ACCEPT_TIMEOUT_S
+
+        def expire() -> None:
+            link.localbus_accept_timer = None
+            if not self.state.cancel_accept(receiver_id):
+                return
+            self._receive_links.pop(receiver_id, None)
+            link.connection.localbus_receivers.discard(receiver_id)
+            link.localbus_receiver_id = None
+            self._refuse(
+                link,
+                BrokerError(
+                    TIMEOUT,
+                    f"no session of {entity_path(link.remote_source.address)} became "
+                    f"available within {delay_s:.1f}s",
+                ),
+            )
+
+        assert self._container is not None
+        link.localbus_accept_timer = self._container.schedule(delay_s, _Timer(expire))
+
+    def _complete_attach(
+        self, link: Sender, session_id: str | None, locked_until_ms: int | None
+    ) -> None:
+        if getattr(link, "localbus_session_filter", False):
+            link.source.filter.put_map()
+            link.source.filter.enter()
+            link.source.filter.put_symbol(SESSION_FILTER)
+            link.source.filter.put_string(session_id or "")
+            link.source.filter.exit()
+        if locked_until_ms is not None:
+            link.properties = {LOCKED_UNTIL_UTC: dotnet_ticks(locked_until_ms)}
+        link.open()
+        receiver_id = link.localbus_receiver_id
+        if receiver_id is not None:
+            self._pump(link, receiver_id)
+
+    def _refuse(self, link: Link, error: BrokerError) -> None:
+        # The client expects its attach answered before the detach that carries the
+        # error, so open the link and close it at once.
+        log.info(
+            "link_refused condition=%s description=%s",
+            error.condition,
+            error.description,
+        )
+        if link.state & Endpoint.LOCAL_UNINIT:
+            link.open()
+        link.condition = Condition(error.condition, error.description)
+        link.close()
+
+    def _check_authorized(self, link: Link, path: str) -> None:
+        if not self._require_auth:
+            return
+        audiences: set[str] = link.connection.localbus_audiences
+        entity = path.split("/", 1)[0].lower()
+        if "" in audiences or entity in audiences:
+            return
+        raise BrokerError(
+            UNAUTHORIZED,
+            f"no valid token was put for {path!r}; put a token signed with the "
+            "broker's shared access key on $cbs first",
+        )
+
+    # Deliveries -----------------------------------------------------------------
+
+    def on_delivery(self, event: Event) -> None:
+        delivery = event.delivery
+        link = event.link
+        if link.is_receiver:
+            self._on_transfer(link, delivery)
+        elif delivery.updated:
+            self._on_disposition(link, delivery)
+        self._after_change()
+
+    def _on_transfer(self, link: Receiver, delivery: Delivery) -> None:
+        if delivery.partial:
+            return
+        payload = link.recv(delivery.pending) or b""
+        link.advance()
+        if delivery.aborted:
+            delivery.settle()
+            return
+        if link.credit < SEND_CREDIT // 2:
+            link.flow(SEND_CREDIT - link.credit)
+        kind = getattr(link, "localbus_kind", "entity")
+        try:
+            if kind == "entity":
+                self._accept_messages(link, bytes(payload))
+            else:
+                self._answer_request(link, kind, bytes(payload))
+        except BrokerError as error:
+            delivery.local.condition = Condition(error.condition, error.description)
+            delivery.update(Disposition.REJECTED)
+            delivery.settle()
+            return
+        delivery.update(Disposition.ACCEPTED)
+        delivery.settle()
+
+    def _accept_messages(self, link: Receiver, payload: bytes) -> None:
+        path = link.localbus_path
+        target = self.state.target_for(path)
+        if len(payload) > target.max_message_size_bytes:
+            raise BrokerError(
+                MESSAGE_SIZE_EXCEEDED,
+                f"the message of {len(payload)} bytes exceeds the maximum size of "
+                f"{target.max_message_size_bytes} bytes of {path!r}",
+            )
+        try:
+            inner = split_batch(payload)
+            incoming = [read_incoming(body) for body in (inner or [payload])]
+        except MalformedMessage as error:
+            raise BrokerError(DECODE_ERROR, f"invalid message: {error}") from error
+        self.state.send(path, incoming)
+
+    def _answer_request(self, link: Receiver, kind: str, payload: bytes) -> None:
+        request = ManagementRequest.decode(payload, link.localbus_path)
+        if kind == "cbs":
+            reply = handle_cbs(request, self._access_key, self._require_auth)
+            if reply.audience is not None:
+                link.connection.localbus_audiences.add(reply.audience)
+        else:
+            reply = handle_management(self.state, request)
+        replies = getattr(link.session, "localbus_replies", {})
+        reply_link = replies.get(link.localbus_path.lower())
+        if reply_link is None or not reply_link.state & Endpoint.LOCAL_ACTIVE:
+            log.warning(
+                "reply_dropped path=%s reason=no reply link", link.localbus_path
+            )
+            return
+        reply_link.delivery(uuid.uuid4().bytes)
+        reply_link.send(reply.encode())
+        reply_link.advance()
+        if reply_link.snd_settle_mode == Link.SND_SETTLED:
+            reply_link.current.settle() if reply_link.current else None
+
+    def _on_disposition(self, link: Sender, delivery: Delivery) -> None:
+        token = getattr(delivery, "localbus_token", None)
+        if token is None:
+            delivery.settle()
+            return
+        outcome, reason, description = _outcome_of(delivery)
+        delivery.localbus_token = None
+        try:
+            self.state.settle(link.localbus_path, token, outcome, reason, description)
+        except BrokerError as error:
+            log.info("settlement_rejected condition=%s", error.condition)
+            delivery.local.condition = Condition(error.condition, error.description)
+            delivery.update(Disposition.REJECTED)
+            delivery.settle()
+            return
+        delivery.update(delivery.remote_state)
+        delivery.settle()
+
+    def _pump(self, link: Sender, receiver_id: int) -> None:
+        while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
+            record = self.state.receive(receiver_id)
+            if record is None:
+                break
+            token = record.lock_token or uuid.uuid4()
+            delivery = link.delivery(tag_of(token))
+            link.send(encode_delivery(record))
+            link.advance()
+            if record.lock_token is None:
+                delivery.settle()
+            else:
+                delivery.localbus_token = record.lock_token
+        if link.drain_mode and link.credit > 0:
+            link.drained()
+
+    # Events and timers ------------------------------------------------------------
+
+    def _after_change(self) -> None:
+        for event in self.state.drain_events():
+            link = self._receive_links.get(event.receiver_id)
+            if link is None:
+                continue
+            if isinstance(event, SessionGranted):
+                timer = getattr(link, "localbus_accept_timer", None)
+                if timer is not None:
+                    timer.cancel()
+                    link.localbus_accept_timer = None
+                self._complete_attach(link, event.session_id, event.locked_until_ms)
+            elif isinstance(event, SessionLost):
+                self._receive_links.pop(event.receiver_id, None)
+                link.connection.localbus_receivers.discard(event.receiver_id)
+                link.localbus_receiver_id = None
+                self.state.detach_receiver(event.receiver_id)
+                self._refuse(
+                    link,
+                    BrokerError(
+                        SESSION_LOCK_LOST,
+                        f"the lock on session {event.session_id!r} expired",
+                    ),
+                )
+            elif (
+                isinstance(event, MessagesReady) and link.state & Endpoint.LOCAL_ACTIVE
+            ):
+                self._pump(link, event.receiver_id)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.state.next_deadline()
+        if deadline is None or self._container is None:
+            return
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        delay = max(0.0, deadline - time.time()) + 0.001
+        self._timer = self._container.schedule(delay, _Timer(self._on_deadline))
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.state.fire_deadlines()
+        self._after_change()
+
+
+def _link_kind(path: str) -> str:
+    lowered = path.lower()
+    if lowered == "$cbs":
+        return "cbs"
+    if lowered.endswith("$management"):
+        return "management"
+    return "entity"
+
+
+def _read_filters(link: Sender) -> dict[Any, Any]:
+    data = link.remote_source.filter
+    data.rewind()
+    if not data.next():
+        return {}
+    value = data.get_object()
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _outcome_of(delivery: Delivery) -> tuple[Outcome, str | None, str | None]:
+    state = delivery.remote_state
+    if state == Disposition.ACCEPTED:
+        return Outcome.COMPLETE, None, None
+    if state == Disposition.REJECTED:
+        condition = delivery.remote.condition
+        info = dict(condition.info or {}) if condition is not None else {}
+        reason = info.get(DEAD_LETTER_REASON)
+        description = info.get(DEAD_LETTER_DESCRIPTION)
+        if description is None and condition is not None:
+            description = condition.description
+        return Outcome.DEAD_LETTER, reason, description
+    if state == Disposition.MODIFIED and delivery.remote.undeliverable:
+        return Outcome.DEFER, None, None
+    return Outcome.ABANDON, None, None

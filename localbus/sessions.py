@@ -1,0 +1,139 @@
+"""Session locks, lock renewal and session state of the broker state machine."""
+
+from __future__ import annotations
+
+import uuid
+
+from localbus.errors import SESSION_LOCK_LOST, BrokerError
+from localbus.journal import Journal
+from localbus.messages import Message, MessageStore, Session
+from localbus.records import Event, MessagesReady, Receiver, SessionGranted
+
+
+class SessionLocking:
+    """Session and message lock handling, mixed into `BrokerState`."""
+
+    _receivers: dict[int, Receiver]
+    _waiting: dict[str, dict[int, None]]
+    _events: list[Event]
+    _journal: Journal
+
+    def now_ms(self) -> int:
+        raise NotImplementedError
+
+    def store_for(self, path: str) -> MessageStore:
+        raise NotImplementedError
+
+    def _add_deadline(self, at_ms: int, kind: str, name: str, key: object) -> None:
+        raise NotImplementedError
+
+    def _return_failed(self, store: MessageStore, message: Message) -> None:
+        raise NotImplementedError
+
+    def _lock_session(
+        self, store: MessageStore, session: Session, receiver: Receiver
+    ) -> int:
+        until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
+        session.holder = receiver.receiver_id
+        session.locked_until_ms = until
+        receiver.session_id = session.session_id
+        receiver.waiting = False
+        store.ready_sessions.pop(session.session_id, None)
+        self._add_deadline(until, "session", store.name, session.session_id)
+        self._events.append(MessagesReady(receiver.receiver_id))
+        return until
+
+    def _grant_waiting(self, store: MessageStore) -> None:
+        waiting = self._waiting.get(store.name)
+        while waiting and store.ready_sessions:
+            session_id = next(iter(store.ready_sessions))
+            del store.ready_sessions[session_id]
+            session = store.sessions.get(session_id)
+            if session is None or session.holder is not None:
+                continue
+            if not store.has_available(session_id):
+                continue
+            receiver_id = next(iter(waiting))
+            del waiting[receiver_id]
+            receiver = self._receivers[receiver_id]
+            until = self._lock_session(store, session, receiver)
+            self._events.append(SessionGranted(receiver_id, session_id, until))
+
+    def _release_session(self, store: MessageStore, session: Session) -> None:
+        session.holder = None
+        session.locked_until_ms = 0
+        for number in sorted(session.locked):
+            message = store.messages.get(number)
+            if message is not None and message.lock_token is not None:
+                self._return_failed(store, message)
+        session.locked.clear()
+        if store.has_available(session.session_id):
+            store.ready_sessions[session.session_id] = None
+        elif session.state is None and not any(
+            message.session_id == session.session_id
+            for message in store.messages.values()
+        ):
+            del store.sessions[session.session_id]
+        self._grant_waiting(store)
+
+    def held_session(self, path: str, session_id: str) -> tuple[MessageStore, Session]:
+        """Return a session that some receiver holds, or raise session-lock-lost."""
+        store = self.store_for(path)
+        session = store.sessions.get(session_id)
+        if session is None or session.holder is None:
+            raise BrokerError(
+                SESSION_LOCK_LOST,
+                f"the lock on session {session_id!r} of {store.name} is not held; "
+                "accept the session again",
+            )
+        return store, session
+
+    def renew_session_lock(self, path: str, session_id: str) -> int:
+        """Extend a held session lock by the lock duration; return the new expiry."""
+        store, session = self.held_session(path, session_id)
+        until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
+        session.locked_until_ms = until
+        for number in session.locked:
+            message = store.messages.get(number)
+            if message is not None:
+                message.locked_until_ms = until
+        self._add_deadline(until, "session", store.name, session_id)
+        return until
+
+    def set_session_state(
+        self, path: str, session_id: str, state: bytes | None
+    ) -> None:
+        """Store the state of a held session (None clears it)."""
+        store, session = self.held_session(path, session_id)
+        session.state = state
+        self._journal.session_state_stored(store.name, session_id, state)
+
+    def renew_message_lock(self, path: str, token: uuid.UUID) -> int:
+        """Extend a message lock by the lock duration; return the new expiry."""
+        store = self.store_for(path)
+        message = store.locked_message(token, self.now_ms())
+        if store.requires_session:
+            return self.renew_session_lock(path, message.session_id or "")
+        until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
+        message.locked_until_ms = until
+        self._add_deadline(until, "message", store.name, message.sequence_number)
+        return until
+
+    def lock_deferred(
+        self, store: MessageStore, message: Message, session_id: str | None
+    ) -> None:
+        """Lock a deferred message for a receive by sequence number."""
+        if store.requires_session:
+            session = store.sessions[session_id or ""]
+            until = session.locked_until_ms
+            holder = session.holder or 0
+        else:
+            until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
+            holder = 0
+            self._add_deadline(until, "message", store.name, message.sequence_number)
+        store.lock(message, holder, until)
+
+    def remove_message(self, store: MessageStore, message: Message) -> None:
+        """Delete a message for good, as complete and receive-and-delete do."""
+        store.remove(message.sequence_number)
+        self._journal.message_removed(store.name, message.sequence_number)

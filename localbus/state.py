@@ -1,0 +1,488 @@
+"""The broker state machine: entities, receivers, locks and timers, with no I/O.
+
+The protocol edge calls these methods on one thread and then reads `drain_events()`
+to learn which receivers to feed, which pending session accepts were granted and which
+session locks were lost. Time comes from the injectable `clock` (seconds), and
+`next_deadline()` / `fire_deadlines()` let the edge run lock expiry on its own timer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from localbus.config import EntityConfig
+from localbus.errors import (
+    NOT_ALLOWED,
+    NOT_FOUND,
+    SESSION_CANNOT_BE_LOCKED,
+    BrokerError,
+)
+from localbus.journal import Journal, NullJournal
+from localbus.messages import (
+    Delivery,
+    IncomingMessage,
+    Message,
+    MessageStatus,
+    MessageStore,
+)
+from localbus.records import (
+    AttachResult,
+    Event,
+    MessagesReady,
+    Outcome,
+    Receiver,
+    SessionGranted,
+    SessionLost,
+)
+from localbus.routing import SendTarget, build_targets
+from localbus.sessions import SessionLocking
+
+DEAD_LETTER_SUFFIX = "/$deadletterqueue"
+MAX_DELIVERY_COUNT_REASON = "MaxDeliveryCountExceeded"
+TTL_EXPIRED_REASON = "TTLExpiredException"
+
+
+class BrokerState(SessionLocking):
+    """All entities of one broker and the rules that move their messages."""
+
+    def __init__(
+        self,
+        entities: Iterable[EntityConfig],
+        clock: Callable[[], float] = time.time,
+        journal: Journal | None = None,
+    ) -> None:
+        self._clock = clock
+        self._journal: Journal = journal or NullJournal()
+        self.targets: dict[str, SendTarget] = {}
+        self.stores: dict[str, MessageStore] = {}
+        self.dead_letter_stores: dict[str, MessageStore] = {}
+        for entity in entities:
+            self.add_entity(entity)
+        self._sequence = itertools.count(self._journal.last_sequence_number() + 1)
+        self._receivers: dict[int, Receiver] = {}
+        self._listeners: dict[str, dict[int, None]] = {}
+        self._waiting: dict[str, dict[int, None]] = {}
+        self._events: list[Event] = []
+        self._deadlines: list[tuple[int, int, str, str, object]] = []
+        self._deadline_order = itertools.count()
+        self.scheduled: dict[int, tuple[str, IncomingMessage]] = {}
+        self._restore()
+
+    # Entities -----------------------------------------------------------------
+
+    def add_entity(self, entity: EntityConfig) -> None:
+        """Create the stores and send target of a queue or topic."""
+        target = build_targets(entity)
+        self.targets[entity.name.lower()] = target
+        for path, settings in target.store_settings.items():
+            store = MessageStore(path, settings)
+            self.stores[path] = store
+            dead_letter = MessageStore(
+                path + DEAD_LETTER_SUFFIX,
+                type(settings)(
+                    requires_session=False,
+                    lock_duration_s=settings.lock_duration_s,
+                    max_delivery_count=settings.max_delivery_count,
+                ),
+            )
+            self.stores[dead_letter.name] = dead_letter
+            self.dead_letter_stores[path] = dead_letter
+        self._journal.entity_added(entity)
+
+    def store_for(self, path: str) -> MessageStore:
+        """Return the receivable queue at `path` (case-insensitive)."""
+        store = self.stores.get(path.lower().strip("/"))
+        if store is None:
+            raise BrokerError(NOT_FOUND, f"the messaging entity {path!r} was not found")
+        return store
+
+    def target_for(self, path: str) -> SendTarget:
+        """Return the queue or topic that accepts messages sent to `path`."""
+        target = self.targets.get(path.lower().strip("/"))
+        if target is None:
+            raise BrokerError(NOT_FOUND, f"the messaging entity {path!r} was not found")
+        return target
+
+    def now_ms(self) -> int:
+        """Current time of the injected clock in epoch milliseconds."""
+        return int(self._clock() * 1000)
+
+    # Sending ------------------------------------------------------------------
+
+    def send(self, path: str, incoming: list[IncomingMessage]) -> list[int]:
+        """Store messages sent to `path` and return their sequence numbers.
+
+        A duplicate message id inside the target's detection window is accepted and
+        dropped, so its returned sequence number is 0.
+        """
+        target = self.target_for(path)
+        now = self.now_ms()
+        numbers = []
+        for message in incoming:
+            if target.is_duplicate(message.message_id, now):
+                numbers.append(0)
+                continue
+            sequence_number = next(self._sequence)
+            numbers.append(sequence_number)
+            scheduled = message.scheduled_at_ms
+            if scheduled is not None and scheduled > now:
+                self._schedule(target, message, sequence_number, scheduled)
+            else:
+                self._route(target, message, sequence_number, now)
+        return numbers
+
+    def cancel_scheduled(self, path: str, sequence_numbers: list[int]) -> None:
+        """Drop scheduled messages of `path` before they are enqueued."""
+        target = self.target_for(path)
+        for number in sequence_numbers:
+            entry = self.scheduled.get(number)
+            if entry is None or entry[0] != target.name:
+                continue
+            del self.scheduled[number]
+            self._journal.scheduled_removed(number)
+
+    def _schedule(
+        self, target: SendTarget, message: IncomingMessage, number: int, at_ms: int
+    ) -> None:
+        # NOTE: the message keeps the sequence number it got when it was scheduled,
+        # so it goes ahead of later messages of its session that are still queued.
+        self.scheduled[number] = (target.name, message)
+        self._journal.scheduled_stored(target.name, number, message)
+        self._add_deadline(at_ms, "scheduled", target.name, number)
+
+    def _route(
+        self, target: SendTarget, message: IncomingMessage, number: int, now: int
+    ) -> None:
+        for path in target.matching_stores(message):
+            store = self.stores[path]
+            stored = self._new_message(message, number, now, store)
+            store.add(stored)
+            self._journal.message_stored(store.name, stored)
+            if stored.expires_at_ms is not None:
+                self._add_deadline(stored.expires_at_ms, "ttl", store.name, number)
+            self._wake(store, stored.session_id)
+
+    def _new_message(
+        self,
+        message: IncomingMessage,
+        number: int,
+        enqueued_at_ms: int,
+        store: MessageStore | None = None,
+    ) -> Message:
+        ttl_s = message.ttl_s
+        default_ttl = store.settings.default_ttl_s if store else None
+        if default_ttl is not None:
+            ttl_s = default_ttl if ttl_s is None else min(ttl_s, default_ttl)
+        return Message(
+            sequence_number=number,
+            payload=message.payload,
+            message_id=message.message_id,
+            session_id=message.session_id,
+            enqueued_at_ms=enqueued_at_ms,
+            expires_at_ms=(
+                enqueued_at_ms + int(ttl_s * 1000) if ttl_s is not None else None
+            ),
+            scheduled_at_ms=message.scheduled_at_ms,
+        )
+
+    # Receivers ----------------------------------------------------------------
+
+    def attach_receiver(
+        self,
+        receiver_id: int,
+        path: str,
+        *,
+        session_id: str | None = None,
+        session_filter: bool = False,
+        receive_and_delete: bool = False,
+    ) -> AttachResult:
+        """Register a receive link; lock the named or next available session.
+
+        `session_filter` is true when the link asked for a session. Then `session_id`
+        None means next available, and the result says whether the accept waits.
+        """
+        store = self.store_for(path)
+        if store.requires_session and not session_filter:
+            raise BrokerError(
+                NOT_ALLOWED,
+                f"{store.name} requires sessions; accept a session to receive from it",
+            )
+        if session_filter and not store.requires_session:
+            raise BrokerError(
+                NOT_ALLOWED,
+                f"{store.name} does not require sessions; receive without a session id",
+            )
+        receiver = Receiver(receiver_id, store, receive_and_delete)
+        if not store.requires_session:
+            self._receivers[receiver_id] = receiver
+            self._listeners.setdefault(store.name, {})[receiver_id] = None
+            self._events.append(MessagesReady(receiver_id))
+            return AttachResult(None, None)
+        if session_id is not None:
+            session = store.session(session_id)
+            if session.holder is not None:
+                raise BrokerError(
+                    SESSION_CANNOT_BE_LOCKED,
+                    f"session {session_id!r} of {store.name} is locked by another "
+                    "receiver; retry after its lock is released or expires",
+                )
+            self._receivers[receiver_id] = receiver
+            until = self._lock_session(store, session, receiver)
+            return AttachResult(session_id, until)
+        self._receivers[receiver_id] = receiver
+        receiver.waiting = True
+        self._waiting.setdefault(store.name, {})[receiver_id] = None
+        self._grant_waiting(store)
+        if receiver.waiting:
+            return AttachResult(None, None, waiting=True)
+        session = store.sessions[receiver.session_id or ""]
+        self._events = [
+            event
+            for event in self._events
+            if not (
+                isinstance(event, SessionGranted) and event.receiver_id == receiver_id
+            )
+        ]
+        return AttachResult(receiver.session_id, session.locked_until_ms)
+
+    def cancel_accept(self, receiver_id: int) -> bool:
+        """Give up a waiting next-available accept; false when it was granted."""
+        receiver = self._receivers.get(receiver_id)
+        if receiver is None or not receiver.waiting:
+            return False
+        self._waiting.get(receiver.store.name, {}).pop(receiver_id, None)
+        del self._receivers[receiver_id]
+        return True
+
+    def detach_receiver(self, receiver_id: int) -> None:
+        """Forget a receive link and return what it held, in sequence order."""
+        receiver = self._receivers.pop(receiver_id, None)
+        if receiver is None:
+            return
+        store = receiver.store
+        self._waiting.get(store.name, {}).pop(receiver_id, None)
+        self._listeners.get(store.name, {}).pop(receiver_id, None)
+        if store.requires_session and receiver.session_id is not None:
+            session = store.sessions.get(receiver.session_id)
+            if session is not None and session.holder == receiver_id:
+                self._release_session(store, session)
+            return
+        for number in sorted(receiver.unsettled):
+            message = store.messages.get(number)
+            if message is not None and message.holder == receiver_id:
+                self._return_failed(store, message)
+
+    def receive(self, receiver_id: int) -> Delivery | None:
+        """Take the next message for the receiver, locked or deleted per its mode."""
+        receiver = self._receivers.get(receiver_id)
+        if receiver is None or receiver.waiting or receiver.lost:
+            return None
+        store = receiver.store
+        now = self.now_ms()
+        message = self._next_live_message(store, receiver.session_id, now)
+        if message is None:
+            return None
+        if receiver.receive_and_delete:
+            store.remove(message.sequence_number)
+            self._journal.message_removed(store.name, message.sequence_number)
+            return Delivery.of(message)
+        if store.requires_session:
+            locked_until = store.sessions[receiver.session_id or ""].locked_until_ms
+        else:
+            locked_until = now + int(store.settings.lock_duration_s * 1000)
+            self._add_deadline(
+                locked_until, "message", store.name, message.sequence_number
+            )
+        store.lock(message, receiver_id, locked_until)
+        receiver.unsettled.add(message.sequence_number)
+        return Delivery.of(message)
+
+    def _next_live_message(
+        self, store: MessageStore, session_id: str | None, now: int
+    ) -> Message | None:
+        while True:
+            message = store.pop_available(session_id)
+            if message is None:
+                return None
+            if message.expires_at_ms is None or message.expires_at_ms > now:
+                return message
+            self._expire_ttl(store, message)
+
+    # Settlement ---------------------------------------------------------------
+
+    def settle(
+        self,
+        path: str,
+        token: uuid.UUID,
+        outcome: Outcome,
+        reason: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Apply a settlement outcome to the message locked under `token`."""
+        store = self.store_for(path)
+        message = store.locked_message(token, self.now_ms())
+        holder = self._receivers.get(message.holder or -1)
+        if holder is not None:
+            holder.unsettled.discard(message.sequence_number)
+        if outcome is Outcome.COMPLETE:
+            store.remove(message.sequence_number)
+            self._journal.message_removed(store.name, message.sequence_number)
+        elif outcome is Outcome.ABANDON:
+            self._return_failed(store, message)
+        elif outcome is Outcome.DEFER:
+            store.defer(message)
+            self._journal.message_stored(store.name, message)
+        else:
+            self._dead_letter(store, message, reason or "", description or "")
+
+    def _return_failed(self, store: MessageStore, message: Message) -> None:
+        """Count a failed delivery and put the message back, or dead-letter it."""
+        message.delivery_count += 1
+        limit = store.settings.max_delivery_count
+        if store.name in self.dead_letter_stores and message.delivery_count >= limit:
+            self._dead_letter(
+                store,
+                message,
+                MAX_DELIVERY_COUNT_REASON,
+                f"Message could not be consumed after {limit} delivery attempts.",
+            )
+            return
+        if message.status is MessageStatus.DEFERRED_LOCKED:
+            store.defer(message)
+        else:
+            store.make_available(message)
+            self._wake(store, message.session_id)
+        self._journal.message_stored(store.name, message)
+
+    def _dead_letter(
+        self, store: MessageStore, message: Message, reason: str, description: str
+    ) -> None:
+        store.remove(message.sequence_number)
+        self._journal.message_removed(store.name, message.sequence_number)
+        dead_letter = self.dead_letter_stores.get(store.name)
+        if dead_letter is None:
+            # A dead-letter queue has no dead-letter queue of its own: drop it.
+            return
+        message.status = MessageStatus.AVAILABLE
+        message.dead_letter_reason = reason
+        message.dead_letter_description = description
+        message.dead_letter_source = store.name
+        message.expires_at_ms = None
+        dead_letter.add(message)
+        self._journal.message_stored(dead_letter.name, message)
+        self._wake(dead_letter, None)
+
+    def _expire_ttl(self, store: MessageStore, message: Message) -> None:
+        if store.settings.dead_letter_on_expiration:
+            self._dead_letter(
+                store,
+                message,
+                TTL_EXPIRED_REASON,
+                "The message expired and was dead lettered.",
+            )
+            return
+        store.remove(message.sequence_number)
+        self._journal.message_removed(store.name, message.sequence_number)
+
+    # Events and timers ----------------------------------------------------------
+
+    def drain_events(self) -> list[Event]:
+        """Return and forget the events produced since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """Epoch seconds of the earliest pending lock, TTL or schedule deadline."""
+        return self._deadlines[0][0] / 1000 if self._deadlines else None
+
+    def fire_deadlines(self) -> None:
+        """Expire every lock, TTL and scheduled enqueue that is due."""
+        now = self.now_ms()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, kind, name, key = heapq.heappop(self._deadlines)
+            if kind == "scheduled":
+                self._activate_scheduled(key, now)
+                continue
+            store = self.stores.get(name)
+            if store is None:
+                continue
+            if kind == "session":
+                self._expire_session(store, str(key), now)
+            elif kind == "message":
+                self._expire_message_lock(store, key, now)
+            else:
+                self._expire_ttl_deadline(store, key, now)
+
+    def _add_deadline(self, at_ms: int, kind: str, name: str, key: object) -> None:
+        entry = (at_ms, next(self._deadline_order), kind, name, key)
+        heapq.heappush(self._deadlines, entry)
+
+    def _expire_session(self, store: MessageStore, session_id: str, now: int) -> None:
+        session = store.sessions.get(session_id)
+        if session is None or session.holder is None or session.locked_until_ms > now:
+            return
+        receiver = self._receivers.get(session.holder)
+        if receiver is not None:
+            receiver.lost = True
+            self._events.append(SessionLost(receiver.receiver_id, session_id))
+        self._release_session(store, session)
+
+    def _expire_ttl_deadline(self, store: MessageStore, key: object, now: int) -> None:
+        message = store.messages.get(key)  # type: ignore[call-overload]
+        if message is None or message.expires_at_ms is None:
+            return
+        idle = message.status in (MessageStatus.AVAILABLE, MessageStatus.DEFERRED)
+        if idle and message.expires_at_ms <= now:
+            self._expire_ttl(store, message)
+
+    def _expire_message_lock(self, store: MessageStore, key: object, now: int) -> None:
+        message = store.messages.get(key)  # type: ignore[call-overload]
+        if message is None or message.lock_token is None:
+            return
+        if message.locked_until_ms > now:
+            return
+        receiver = self._receivers.get(message.holder or -1)
+        if receiver is not None:
+            receiver.unsettled.discard(message.sequence_number)
+        self._return_failed(store, message)
+
+    def _activate_scheduled(self, key: object, now: int) -> None:
+        entry = self.scheduled.pop(key, None)  # type: ignore[call-overload]
+        if entry is None:
+            return
+        target_name, message = entry
+        self._journal.scheduled_removed(int(key))  # type: ignore[call-overload]
+        self._route(self.targets[target_name], message, int(key), now)  # type: ignore[call-overload]
+
+    def _wake(self, store: MessageStore, session_id: str | None) -> None:
+        if not store.requires_session:
+            for receiver_id in self._listeners.get(store.name, {}):
+                self._events.append(MessagesReady(receiver_id))
+            return
+        session = store.sessions.get(session_id or "")
+        if session is not None and session.holder is not None:
+            self._events.append(MessagesReady(session.holder))
+        else:
+            self._grant_waiting(store)
+
+    def _restore(self) -> None:
+        for store_name, message in self._journal.stored_messages():
+            store = self.stores.get(store_name)
+            if store is None:
+                continue
+            if message.status is not MessageStatus.DEFERRED:
+                message.status = MessageStatus.AVAILABLE
+            store.add(message)
+        for store_name, session_id, state in self._journal.session_states():
+            store = self.stores.get(store_name)
+            if store is not None:
+                store.session(session_id).state = state
+        for target_name, number, incoming in self._journal.scheduled_messages():
+            self.scheduled[number] = (target_name, incoming)
+            self._add_deadline(
+                incoming.scheduled_at_ms or 0, "scheduled", target_name, number
+            )
