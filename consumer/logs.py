@@ -40,7 +40,12 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import date, datetime
+from datetime import time as time_of_day
+from enum import Enum
+from pathlib import PurePath
 from typing import Any, Literal, TextIO
+from uuid import UUID
 
 import structlog
 from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
@@ -98,7 +103,11 @@ def _redact_value(value: Any) -> Any:
         return [_redact_value(item) for item in value]
     if isinstance(value, BaseException):
         return redact(f"{type(value).__name__}: {value}")
-    # Objects would otherwise be rendered with repr() after this processor ran.
+    if isinstance(value, datetime | date | time_of_day):
+        return value.isoformat()
+    if isinstance(value, UUID | PurePath | Enum):
+        return redact(str(value))
+    # Other objects would be rendered with repr() by the renderer, after redaction.
     return redact(repr(value))
 
 

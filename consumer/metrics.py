@@ -256,7 +256,8 @@ class ConsumerMetrics:
     def _sample_name(self, name: str) -> str:
         collector = getattr(self, name, None)
         if isinstance(collector, Counter | Gauge | Histogram):
-            family = collector.describe()[0].name
+            [description] = collector.describe()
+            family: str = description.name
             if isinstance(collector, Counter):
                 return f"{family}_total"
             if isinstance(collector, Histogram):

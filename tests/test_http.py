@@ -241,7 +241,9 @@ def _documents(name: str) -> dict[str, dict[str, Any]]:
 def _container() -> dict[str, Any]:
     deployment = _documents("deployment.yaml")["Deployment"]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return container
+    result: dict[str, Any] = container
+
+    return result
 
 
 def _env(container: dict[str, Any]) -> dict[str, Any]:

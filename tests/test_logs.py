@@ -7,7 +7,10 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
 from typing import Any
+from uuid import UUID
 
 import pytest
 import structlog
@@ -359,3 +362,24 @@ def test_rate_limited_lines_carry_suppressed_count() -> None:
 
     lines = _json_lines(stream)
     assert [line["suppressed"] for line in lines] == [0, 2, 2]
+
+
+def test_json_renders_common_types() -> None:
+    stream = io.StringIO()
+    configure_logging("json", stream=stream)
+    enqueued_at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    lock_token = UUID("12345678-1234-5678-1234-567812345678")
+
+    structlog.get_logger().info(
+        "message_received",
+        enqueued_at=enqueued_at,
+        lock_token=lock_token,
+        store=PurePosixPath("var/orders.sqlite3"),
+        sequence_numbers=(1, 2),
+    )
+
+    [line] = _json_lines(stream)
+    assert line["enqueued_at"] == "2026-01-02T03:04:05+00:00"
+    assert line["lock_token"] == "12345678-1234-5678-1234-567812345678"
+    assert line["store"] == "var/orders.sqlite3"
+    assert line["sequence_numbers"] == [1, 2]

@@ -7,6 +7,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.samples import Sample
 
 from consumer.metrics import (
     FALLBACK_EVENT_TYPES,
@@ -64,10 +65,10 @@ def _touch(collector: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> N
         child.inc()
 
 
-def _samples(registry: CollectorRegistry, family: str) -> list:
+def _samples(registry: CollectorRegistry, family: str) -> list[Sample]:
     for metric in registry.collect():
         if metric.name == family:
-            return metric.samples
+            return list(metric.samples)
     raise AssertionError(f"family {family} not in registry")
 
 
