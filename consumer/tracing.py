@@ -1,11 +1,12 @@
 """Optional OpenTelemetry tracing: one consumer span per handled message.
 
 A publisher that traces puts the W3C trace context in the message's application
-properties: `traceparent` (and `tracestate`), or `Diagnostic-Id` holding the same
-`traceparent` value, the older name the Azure SDKs use. `span_for_message` continues
-that trace. Without the `tracing` extra (opentelemetry-api) both functions do nothing,
-so the consumer runs the same with or without it. Spans are exported only when the
-application configures an OpenTelemetry SDK `TracerProvider`.
+properties: `traceparent` (and `tracestate`), or `Diagnostic-Id` containing the same
+`traceparent` value, the older name the Azure SDKs use (azure-servicebus 7.15.0 sets
+both, with bytes keys). `span_for_message` continues that trace. Without the `tracing`
+extra (opentelemetry-api) both functions do nothing, so the consumer runs the same
+with or without it. Spans are exported only when the application configures an
+OpenTelemetry SDK `TracerProvider`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def trace_carrier(application_properties: Mapping[Any, Any] | None) -> dict[str,
     """Return the W3C trace headers found in a message's application properties.
 
     Keys and values may be `str` or `bytes` (the Azure SDK returns bytes keys). A
-    `traceparent` property wins over `Diagnostic-Id`. The result uses lowercase keys, as
-    the W3C propagator expects.
+    `traceparent` property takes precedence over `Diagnostic-Id`. The result uses
+    lowercase keys, as the W3C propagator expects.
     """
     found: dict[str, str] = {}
     for raw_key, raw_value in (application_properties or {}).items():
