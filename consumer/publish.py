@@ -53,6 +53,10 @@ TRANSIENT_ERRORS: tuple[type[ServiceBusError], ...] = (
     ServiceBusServerBusyError,
 )
 
+# The SDK's own retries are turned off on the clients opened here, so SendRetryPolicy
+# is the only retry layer and a failing send costs `attempts` tries, not a product.
+_SDK_CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 0}
+
 _log = structlog.get_logger("orders_consumer.publish")
 
 
@@ -330,13 +334,15 @@ def _open_sender(settings: Settings) -> Iterator[ServiceBusSender]:
     credential: Any = None
     if settings.connection_string is not None:
         secret = settings.connection_string.get_secret_value()
-        client = ServiceBusClient.from_connection_string(secret)
+        client = ServiceBusClient.from_connection_string(secret, **_SDK_CLIENT_OPTIONS)
     else:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
         namespace = str(settings.fully_qualified_namespace)
-        client = ServiceBusClient(namespace, credential=credential)
+        client = ServiceBusClient(
+            namespace, credential=credential, **_SDK_CLIENT_OPTIONS
+        )
     try:
         with client:
             if settings.subscription:
@@ -358,13 +364,17 @@ async def _open_sender_async(
     credential: Any = None
     if settings.connection_string is not None:
         secret = settings.connection_string.get_secret_value()
-        client = AsyncServiceBusClient.from_connection_string(secret)
+        client = AsyncServiceBusClient.from_connection_string(
+            secret, **_SDK_CLIENT_OPTIONS
+        )
     else:
         from azure.identity.aio import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
         namespace = str(settings.fully_qualified_namespace)
-        client = AsyncServiceBusClient(namespace, credential=credential)
+        client = AsyncServiceBusClient(
+            namespace, credential=credential, **_SDK_CLIENT_OPTIONS
+        )
     try:
         async with client:
             if settings.subscription:
@@ -425,13 +435,14 @@ def publish_events_sync(
     events: Iterable[Mapping[str, Any] | Event[Any]],
     *,
     traceparent: str | None = None,
+    retry: SendRetryPolicy | None = None,
 ) -> int:
     """Publish events to the entity of `settings`; return how many were sent.
 
     Every event is checked before the first send, so bad input sends nothing.
     """
     messages = build_messages(events, traceparent=traceparent)
-    return publish_messages_sync(settings, messages).messages
+    return publish_messages_sync(settings, messages, retry=retry).messages
 
 
 async def publish_events(
@@ -439,25 +450,32 @@ async def publish_events(
     events: Iterable[Mapping[str, Any] | Event[Any]],
     *,
     traceparent: str | None = None,
+    retry: SendRetryPolicy | None = None,
 ) -> int:
     """Publish events like `publish_events_sync`, on an `aio` client."""
     messages = build_messages(events, traceparent=traceparent)
-    result = await publish_messages(settings, messages)
+    result = await publish_messages(settings, messages, retry=retry)
     return result.messages
 
 
 async def publish_raw(
-    settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
+    settings: Settings,
+    bodies: Iterable[tuple[str, bytes | str]],
+    *,
+    retry: SendRetryPolicy | None = None,
 ) -> int:
     """Publish `(session_id, body)` pairs as they are, for example invalid bodies."""
     messages = [build_raw_message(body, session_id) for session_id, body in bodies]
-    result = await publish_messages(settings, messages)
+    result = await publish_messages(settings, messages, retry=retry)
     return result.messages
 
 
 def publish_raw_sync(
-    settings: Settings, bodies: Iterable[tuple[str, bytes | str]]
+    settings: Settings,
+    bodies: Iterable[tuple[str, bytes | str]],
+    *,
+    retry: SendRetryPolicy | None = None,
 ) -> int:
     """Publish `(session_id, body)` pairs like `publish_raw`, synchronously."""
     messages = [build_raw_message(body, session_id) for session_id, body in bodies]
-    return publish_messages_sync(settings, messages).messages
+    return publish_messages_sync(settings, messages, retry=retry).messages

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from azure.servicebus import ServiceBusMessage
+from azure.servicebus import (
+    NEXT_AVAILABLE_SESSION,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+)
+from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.exceptions import (
+    OperationTimeoutError,
+    ServiceBusAuthorizationError,
+    ServiceBusServerBusyError,
+)
 
+from consumer.config import Settings
+from consumer.errors import TransportError
 from consumer.events import validate_event
 from consumer.generate import generate_stream
 from consumer.publish import (
@@ -18,6 +33,12 @@ from consumer.publish import (
     build_messages,
     build_raw_message,
     message_id_for,
+    publish_events,
+    publish_events_sync,
+    publish_messages,
+    publish_messages_sync,
+    publish_raw,
+    send_batched_async,
 )
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -25,7 +46,7 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 @pytest.fixture(scope="module")
 def events() -> list[dict[str, Any]]:
-    return generate_stream(20, seed=4)
+    return generate_stream(6, seed=4)
 
 
 def body_of(message: ServiceBusMessage) -> dict[str, Any]:
@@ -62,7 +83,7 @@ def test_message_id_is_deterministic(events: list[dict[str, Any]]) -> None:
     ids = [message_id_for(event) for event in events]
     reordered = {key: events[0][key] for key in reversed(list(events[0]))}
 
-    assert ids == [message_id_for(event) for event in generate_stream(20, seed=4)]
+    assert ids == [message_id_for(event) for event in generate_stream(6, seed=4)]
     assert len(set(ids)) == len(ids)
     assert message_id_for(reordered) == ids[0]
     assert len(ids[0]) == 32
@@ -134,3 +155,232 @@ def test_retry_backoff_is_capped() -> None:
     delays = [policy.delay_s(attempt) for attempt in range(1, 7)]
 
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+# Against the local broker ------------------------------------------------------------
+
+EVENTS_QUEUE = "publish.events"
+RAW_QUEUE = "publish.raw"
+RETRY_QUEUE = "publish.retry"
+SYNC_QUEUE = "publish.sync"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Any]:
+    from localbus.testing import run_broker
+
+    queues = [EVENTS_QUEUE, RAW_QUEUE, RETRY_QUEUE, SYNC_QUEUE]
+    with run_broker(entities=queues) as running:
+        yield running
+
+
+def settings_for(broker: Any, queue: str) -> Settings:
+    return Settings(connection_string=broker.connection_string, entity=queue)
+
+
+async def receive_sessions(
+    connection_string: str,
+    queue: str,
+    expected: Mapping[str, int],
+    *,
+    check_empty: bool = False,
+) -> dict[str, list[ServiceBusReceivedMessage]]:
+    """Receive and complete `expected[session]` messages of each session.
+
+    With `check_empty`, then check that no session has messages left (about 2 s).
+    Opening and closing a session receiver takes about 1 s on the local broker, so
+    tests keep the number of sessions small.
+    """
+    received: dict[str, list[ServiceBusReceivedMessage]] = {}
+    async with ServiceBusClient.from_connection_string(connection_string) as client:
+        for session_id, count in expected.items():
+            receiver = client.get_queue_receiver(queue, session_id=session_id)
+            async with receiver:
+                messages: list[ServiceBusReceivedMessage] = []
+                while len(messages) < count:
+                    batch = await receiver.receive_messages(
+                        max_message_count=count - len(messages), max_wait_time=5
+                    )
+                    assert batch, f"session {session_id}: {len(messages)}/{count}"
+                    for message in batch:
+                        await receiver.complete_message(message)
+                    messages.extend(batch)
+                received[session_id] = messages
+        if not check_empty:
+            return received
+        leftover = client.get_queue_receiver(
+            queue, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=1
+        )
+        try:
+            async with leftover:
+                extra = await leftover.receive_messages(max_wait_time=1)
+        except OperationTimeoutError:
+            extra = []  # no session has messages
+        assert [message.session_id for message in extra] == []
+    return received
+
+
+def per_session(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    sessions: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        sessions[event["payload"]["orderId"]].append(event)
+    return sessions
+
+
+async def test_publish_keeps_order_and_properties(
+    broker: Any, events: list[dict[str, Any]]
+) -> None:
+    published = events[:40]
+    messages = build_messages(published, traceparent=TRACEPARENT)
+    settings = settings_for(broker, EVENTS_QUEUE)
+
+    result = await publish_messages(settings, messages, max_batch_bytes=2048)
+
+    assert result.messages == len(published)
+    assert result.batches > 5
+    assert result.retries == 0
+    sessions = per_session(published)
+    expected = {order_id: len(items) for order_id, items in sessions.items()}
+    received = await receive_sessions(
+        broker.connection_string, EVENTS_QUEUE, expected, check_empty=True
+    )
+    for order_id, items in sessions.items():
+        got = received[order_id]
+        assert [body_of_received(m) for m in got] == items
+        assert [m.message_id for m in got] == [message_id_for(e) for e in items]
+        assert [m.subject for m in got] == [e["eventType"] for e in items]
+        for message in got:
+            assert message.session_id == order_id
+            assert message.content_type == CONTENT_TYPE
+            assert message.correlation_id == items[0]["metadata"]["correlationId"]
+            properties = message.application_properties or {}
+            assert properties.get(b"traceparent") == TRACEPARENT.encode()
+
+
+def of_orders(events: list[dict[str, Any]], orders: int) -> list[dict[str, Any]]:
+    """Return the events of the first `orders` orders, in stream order."""
+    chosen = list(per_session(events))[:orders]
+    return [event for event in events if event["payload"]["orderId"] in chosen]
+
+
+def body_of_received(message: ServiceBusReceivedMessage) -> dict[str, Any]:
+    return json.loads(b"".join(message.body))
+
+
+async def test_publish_raw_bodies(broker: Any) -> None:
+    bodies = [("ORD-raw-1", b"\xff\xfe"), ("ORD-raw-1", "{"), ("ORD-raw-2", b"[]")]
+
+    count = await publish_raw(settings_for(broker, RAW_QUEUE), bodies)
+
+    assert count == 3
+    received = await receive_sessions(
+        broker.connection_string, RAW_QUEUE, {"ORD-raw-1": 2, "ORD-raw-2": 1}
+    )
+    assert [b"".join(m.body) for m in received["ORD-raw-1"]] == [b"\xff\xfe", b"{"]
+    assert [b"".join(m.body) for m in received["ORD-raw-2"]] == [b"[]"]
+
+
+class FlakySender:
+    """A real sender whose first `failures` sends raise a transient error first."""
+
+    def __init__(self, sender: Any, failures: int, error: Exception) -> None:
+        self._sender = sender
+        self._failures = failures
+        self._error = error
+        self.sends = 0
+
+    async def create_message_batch(self, max_size_in_bytes: int | None = None) -> Any:
+        return await self._sender.create_message_batch(max_size_in_bytes)
+
+    async def send_messages(self, batch: Any) -> None:
+        self.sends += 1
+        if self._failures:
+            self._failures -= 1
+            raise self._error
+        await self._sender.send_messages(batch)
+
+
+async def test_transient_send_errors_are_retried(
+    broker: Any, events: list[dict[str, Any]]
+) -> None:
+    two_orders = of_orders(events, 2)
+    messages = build_messages(two_orders)
+    retry = SendRetryPolicy(attempts=4, backoff_s=0.01, max_backoff_s=0.02)
+    busy = ServiceBusServerBusyError(message="server busy")
+
+    async with ServiceBusClient.from_connection_string(broker.connection_string) as c:
+        async with c.get_queue_sender(RETRY_QUEUE) as sender:
+            flaky = FlakySender(sender, failures=3, error=busy)
+            result = await send_batched_async(flaky, messages, retry=retry)  # type: ignore[arg-type]
+
+    assert result.retries == 3
+    assert result.messages == len(two_orders)
+    assert flaky.sends == 4
+    expected = {k: len(v) for k, v in per_session(two_orders).items()}
+    received = await receive_sessions(
+        broker.connection_string, RETRY_QUEUE, expected, check_empty=True
+    )
+    assert sum(len(v) for v in received.values()) == len(two_orders)
+
+
+async def test_retries_are_bounded(broker: Any, events: list[dict[str, Any]]) -> None:
+    retry = SendRetryPolicy(attempts=2, backoff_s=0.01, max_backoff_s=0.01)
+    busy = ServiceBusServerBusyError(message="server busy")
+
+    async with ServiceBusClient.from_connection_string(broker.connection_string) as c:
+        async with c.get_queue_sender(RETRY_QUEUE) as sender:
+            flaky = FlakySender(sender, failures=5, error=busy)
+            with pytest.raises(ServiceBusServerBusyError):
+                await send_batched_async(flaky, build_messages(events[:2]), retry=retry)  # type: ignore[arg-type]
+
+    assert flaky.sends == 2
+
+
+async def test_permanent_send_error_not_retried(
+    broker: Any, events: list[dict[str, Any]]
+) -> None:
+    denied = ServiceBusAuthorizationError(message="not authorized")
+
+    async with ServiceBusClient.from_connection_string(broker.connection_string) as c:
+        async with c.get_queue_sender(RETRY_QUEUE) as sender:
+            flaky = FlakySender(sender, failures=1, error=denied)
+            with pytest.raises(ServiceBusAuthorizationError):
+                await send_batched_async(flaky, build_messages(events[:2]))  # type: ignore[arg-type]
+
+    assert flaky.sends == 1
+
+
+def test_sync_publish_returns_count(broker: Any, events: list[dict[str, Any]]) -> None:
+    one_order = of_orders(events, 1)
+
+    count = publish_events_sync(settings_for(broker, SYNC_QUEUE), one_order)
+
+    assert count == len(one_order)
+    expected = {k: len(v) for k, v in per_session(one_order).items()}
+    received = asyncio.run(
+        receive_sessions(broker.connection_string, SYNC_QUEUE, expected)
+    )
+    assert sum(len(v) for v in received.values()) == len(one_order)
+
+
+def test_message_too_large_for_batch(broker: Any, events: list[dict[str, Any]]) -> None:
+    big = dict(events[0], note="x" * 4000)
+    messages = build_messages([big])
+
+    with pytest.raises(InvalidEventError, match="does not fit in an empty batch"):
+        publish_messages_sync(
+            settings_for(broker, SYNC_QUEUE), messages, max_batch_bytes=2048
+        )
+
+
+async def test_unknown_queue_is_transport_error(
+    broker: Any, events: list[dict[str, Any]]
+) -> None:
+    settings = settings_for(broker, "no.such.queue")
+    retry = SendRetryPolicy(attempts=2, backoff_s=0.01, max_backoff_s=0.01)
+
+    with pytest.raises(TransportError) as caught:
+        await publish_events(settings, events[:1], retry=retry)
+
+    assert "no.such.queue" in str(caught.value)
+    assert "SAS_KEY_VALUE" not in str(caught.value)
