@@ -188,8 +188,8 @@ async def receive_sessions(
     """Receive and complete `expected[session]` messages of each session.
 
     With `check_empty`, then check that no session has messages left (about 2 s).
-    Opening and closing a session receiver takes about 1 s on the local broker, so
-    tests keep the number of sessions small.
+    Opening and closing a session receiver took about 1 s per session in local runs,
+    so tests keep the number of sessions small.
     """
     received: dict[str, list[ServiceBusReceivedMessage]] = {}
     async with ServiceBusClient.from_connection_string(connection_string) as client:
@@ -281,7 +281,7 @@ async def test_publish_raw_bodies(broker: Any) -> None:
 
 
 class FlakySender:
-    """A real sender whose first `failures` sends raise a transient error first."""
+    """Wrapper of a real sender whose first `failures` sends raise `error` instead."""
 
     def __init__(self, sender: Any, failures: int, error: Exception) -> None:
         self._sender = sender
