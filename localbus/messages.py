@@ -183,7 +183,7 @@ class MessageStore:
         return None
 
     def has_available(self, session_id: str | None) -> bool:
-        """Tell whether `pop_available` would return a message, dropping stale entries."""
+        """Tell whether `pop_available` would return a message; drop stale entries."""
         if self.requires_session:
             session = self.sessions.get(session_id or "")
             heap = session.available if session else []

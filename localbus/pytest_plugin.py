@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the `local_broker` marker for --strict-markers."""
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(**options): options for the local_broker fixtures, as run_broker takes",
+        f"{MARKER}(**options): run_broker options for the local_broker fixtures",
     )
 
 

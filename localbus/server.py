@@ -58,7 +58,7 @@ DEAD_LETTER_REASON = "DeadLetterReason"
 DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
 # .NET ticks (100 ns since 0001-01-01) at the Unix epoch.
 DOTNET_EPOCH_TICKS = 621_355_968_000_000_000
-# Service Bus waits up to 65 s for a next-available session when the client sets no timeout.
+# The SDK waits 65 s for a next-available session when it sends no timeout.
 DEFAULT_ACCEPT_TIMEOUT_S = 65.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.

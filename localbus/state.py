@@ -120,6 +120,8 @@ class BrokerState(SessionLocking):
         dropped, so its returned sequence number is 0.
         """
         target = self.target_for(path)
+        for message in incoming:
+            self._check_session_id(target, message)
         now = self.now_ms()
         numbers = []
         for message in incoming:
@@ -134,6 +136,17 @@ class BrokerState(SessionLocking):
             else:
                 self._route(target, message, sequence_number, now)
         return numbers
+
+    def _check_session_id(self, target: SendTarget, message: IncomingMessage) -> None:
+        if message.session_id is not None:
+            return
+        for path in target.matching_stores(message):
+            if self.stores[path].requires_session:
+                raise BrokerError(
+                    NOT_ALLOWED,
+                    f"{path} requires sessions but the message has no session id; "
+                    "set session_id on the message",
+                )
 
     def cancel_scheduled(self, path: str, sequence_numbers: list[int]) -> None:
         """Drop scheduled messages of `path` before they are enqueued."""

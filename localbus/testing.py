@@ -235,7 +235,8 @@ class BrokerProcess:
         for entity in self.options.entities:
             if not isinstance(entity, QueueConfig):
                 raise ValueError(
-                    f"run_broker_process takes queue names or QueueConfig, got {entity!r}; "
+                    "run_broker_process takes queue names or QueueConfig, "
+                    f"got {entity!r}; "
                     "describe topics in a Config.json passed as --config"
                 )
             flag = "--entity" if entity.settings.requires_session else "--queue"
