@@ -15,7 +15,10 @@ def record_event(store: ProjectionStore, event: Event[Any], ctx: EventContext) -
     Raises `InvalidTransition` (a `PermanentError`) when the event is impossible for
     the order, so the framework dead-letters the message without retries.
     """
-    projection = store.apply(event, ctx.message_id)
+    # A message without an id is recognized by its sequence number instead, which the
+    # broker assigns once per message and keeps across redeliveries.
+    message_id = ctx.message_id or f"sequence-number:{ctx.sequence_number}"
+    projection = store.apply(event, message_id)
     if projection is None:
         ctx.log.info("projection_update_skipped", reason="message already applied")
         return

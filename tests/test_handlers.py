@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusSubQueue
+from azure.servicebus.aio import ServiceBusClient
 
 import handlers
 from consumer.app import ConsumerApp
@@ -17,7 +22,7 @@ from consumer.config import Settings, local_connection_string
 from consumer.errors import PermanentError
 from consumer.events import EVENT_TYPES, Event, validate_event
 from consumer.generate import generate_stream
-from consumer.publish import message_id_for
+from consumer.publish import message_id_for, publish_events
 from consumer.routing import EventContext, Router, bind_log
 from handlers.projection import InvalidTransition, OrderStatus
 from handlers.reference import project_stream
@@ -90,9 +95,8 @@ class Dispatcher:
         self.store = store
         self.routers = handlers.build_routers(store)
 
-    def handle(self, event: Event[Any], message_id: str | None = None) -> None:
-        message_id = message_id or f"msg-{next(_message_numbers)}"
-        ctx = EventContext(
+    def context(self, event: Event[Any], message_id: str) -> EventContext:
+        return EventContext(
             order_id=event.order_id,
             message_id=message_id,
             sequence_number=1,
@@ -104,6 +108,8 @@ class Dispatcher:
             attempt=1,
             log=bind_log(order_id=event.order_id, message_id=message_id),
         )
+
+    def call(self, event: Event[Any], ctx: EventContext) -> None:
         specs = [
             spec
             for router in self.routers
@@ -111,6 +117,10 @@ class Dispatcher:
         ]
         assert len(specs) == 1, event.event_type
         specs[0].func(event, ctx)
+
+    def handle(self, event: Event[Any], message_id: str | None = None) -> None:
+        message_id = message_id or f"msg-{next(_message_numbers)}"
+        self.call(event, self.context(event, message_id))
 
     def handle_all(self, *events: Event[Any]) -> None:
         for event in events:
@@ -411,3 +421,113 @@ def test_build_routers_returns_routers(store: ProjectionStore) -> None:
 
     assert len(routers) == 3
     assert all(isinstance(router, Router) for router in routers)
+
+
+# Through the local broker and the real consumer ------------------------------------
+
+
+QUEUE = "handlers.test.events"
+
+
+@pytest.fixture
+def broker() -> Iterator[Any]:
+    """A local broker on a free 127.0.0.1 port with one session queue."""
+    from localbus.testing import run_broker
+
+    with run_broker(entities=[QUEUE], lock_duration_s=5.0) as running:
+        yield running
+
+
+def settings_for(broker: Any, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "connection_string": broker.connection_string,
+        "entity": QUEUE,
+        "max_concurrent_sessions": 32,
+        "session_idle_timeout_s": 0.05,
+        "accept_timeout_s": 0.5,
+        "retry_attempts": 2,
+        "retry_backoff_s": 0.01,
+        "retry_max_backoff_s": 0.05,
+        "handler_timeout_s": 10.0,
+        "metrics_port": 0,
+        "store_path": str(tmp_path / "orders.sqlite3"),
+    }
+    return Settings(**(values | overrides))
+
+
+async def consume_with_handlers(
+    broker: Any, tmp_path: Path, stream: list[dict[str, Any]], **overrides: Any
+) -> dict[str, Any]:
+    """Publish `stream`, consume it with the bundled handlers, return the store."""
+    settings = settings_for(broker, tmp_path, **overrides)
+    await publish_events(settings, stream)
+    app = ConsumerApp(settings)
+    store = handlers.install(app)
+    try:
+        await asyncio.wait_for(app.run(until_idle_s=1.0), timeout=90)
+        return dict(store.all())
+    finally:
+        store.close()
+
+
+async def dead_letters(connection_string: str) -> list[ServiceBusReceivedMessage]:
+    """Receive and complete every message of the queue's dead-letter queue."""
+    found: list[ServiceBusReceivedMessage] = []
+    async with ServiceBusClient.from_connection_string(connection_string) as client:
+        receiver = client.get_queue_receiver(
+            QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=1.0
+        )
+        async with receiver:
+            while batch := await receiver.receive_messages(20, max_wait_time=1.0):
+                for message in batch:
+                    await receiver.complete_message(message)
+                found.extend(batch)
+    return found
+
+
+@pytest.mark.slow
+async def test_consumed_stream_matches_reference(broker: Any, tmp_path: Path) -> None:
+    stream = generate_stream(200, seed=21)
+
+    actual = await consume_with_handlers(broker, tmp_path, stream)
+
+    assert len(actual) == 200
+    assert actual == project_stream(stream)
+    assert await dead_letters(broker.connection_string) == []
+
+
+@pytest.mark.slow
+async def test_impossible_event_dead_lettered(broker: Any, tmp_path: Path) -> None:
+    stream = generate_stream(20, seed=8)
+    target = stream[0]["payload"]["orderId"]
+    early_shipment = {
+        **stream[0],
+        "eventType": "ORDER_SHIPPED",
+        "payload": {"orderId": target, "carrier": "DHL", "trackingNumber": "TRK0"},
+    }
+    stream.insert(1, early_shipment)
+
+    actual = await consume_with_handlers(
+        broker, tmp_path, stream, poison_policy="continue"
+    )
+
+    dead = await dead_letters(broker.connection_string)
+    assert [message.session_id for message in dead] == [target]
+    assert dead[0].dead_letter_reason == "InvalidTransition"
+    assert "payment has not been captured" in str(dead[0].dead_letter_error_description)
+    assert dead[0].message_id == message_id_for(early_shipment)
+    assert actual == project_stream(stream)
+
+
+def test_missing_message_id_uses_sequence_number(dispatcher: Dispatcher) -> None:
+    dispatcher.handle(created(), message_id="m-1")
+    context = dispatcher.context(notified(), message_id="")
+
+    for _ in range(2):
+        dispatcher.call(notified(), context)
+    dispatcher.call(notified(), replace(context, sequence_number=99))
+
+    order = dispatcher.store.get(ORDER)
+    assert order is not None
+    assert order.notifications_sent == 2
+    assert order.last_message_id == "sequence-number:99"
