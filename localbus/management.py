@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Array, Data, Message, timestamp
+from proton import UNDESCRIBED, Array, Data, Message, timestamp
 
 from localbus.auth import SharedAccessKey, verify_sas_token
 from localbus.codec import copy_binary, encode_delivery, read_incoming
@@ -192,9 +192,7 @@ def _set_session_state(state: BrokerState, request: ManagementRequest) -> Result
 def _renew_lock(state: BrokerState, request: ManagementRequest) -> Result:
     tokens = [_uuid(token) for token in request.argument("lock-tokens", [])]
     expirations = [state.renew_message_lock(request.path, token) for token in tokens]
-    array = Array(
-        Data.UNDESCRIBED, Data.TIMESTAMP, *[timestamp(e) for e in expirations]
-    )
+    array = Array(UNDESCRIBED, Data.TIMESTAMP, *[timestamp(e) for e in expirations])
     return 200, {"expirations": array}
 
 
@@ -268,7 +266,7 @@ def _schedule(state: BrokerState, request: ManagementRequest) -> Result:
         for item in request.argument("messages", [])
     ]
     numbers = state.send(request.path, incoming)
-    return 200, {"sequence-numbers": Array(Data.UNDESCRIBED, Data.LONG, *numbers)}
+    return 200, {"sequence-numbers": Array(UNDESCRIBED, Data.LONG, *numbers)}
 
 
 def _cancel_scheduled(state: BrokerState, request: ManagementRequest) -> Result:

@@ -7,6 +7,7 @@ events, so a waiting receiver or accept is woken by the arrival itself.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -38,6 +39,7 @@ from localbus.codec import (
 )
 from localbus.errors import (
     DECODE_ERROR,
+    INTERNAL_ERROR,
     MESSAGE_SIZE_EXCEEDED,
     SESSION_LOCK_LOST,
     TIMEOUT,
@@ -80,6 +82,40 @@ class _Timer(Handler):
         self._callback()
 
 
+def _guarded(method: Callable[[Any, Event], None]) -> Callable[[Any, Event], None]:
+    """Contain a failure to the connection whose event raised it.
+
+    An exception escaping a handler would end the container loop and so the whole
+    broker; instead it is logged and only the event's connection is closed.
+    """
+
+    @functools.wraps(method)
+    def run(self: Any, event: Event) -> None:
+        try:
+            method(self, event)
+        except Exception:
+            log.exception("event_failed event=%s", event.type)
+            connection = getattr(event, "connection", None)
+            if connection is not None and connection.state & Endpoint.LOCAL_ACTIVE:
+                # pyamqp 7.15 expects the info field of a close error to be present.
+                connection.condition = Condition(
+                    INTERNAL_ERROR,
+                    "the broker failed to process a frame",
+                    {symbol("event"): str(event.type)},
+                )
+                connection.close()
+
+    return run
+
+
+def _guard_handlers(cls: type[Handler]) -> type[Handler]:
+    for name, value in list(vars(cls).items()):
+        if name.startswith("on_") and callable(value):
+            setattr(cls, name, _guarded(value))
+    return cls
+
+
+@_guard_handlers
 class BrokerHandler(Handler):
     """Proton handler that serves every connection of one broker."""
 
@@ -224,14 +260,17 @@ class BrokerHandler(Handler):
         kind = _link_kind(path)
         link.localbus_kind = kind
         link.localbus_path = path
+        link.localbus_refusal = None
         if kind == "entity":
             try:
                 target = self.state.target_for(path)
                 self._check_authorized(link, path)
+                link.max_message_size = target.max_message_size_bytes
             except BrokerError as error:
-                self._refuse(link, error)
-                return
-            link.max_message_size = target.max_message_size_bytes
+                # The SDK sends its first message before it reads a detach that
+                # follows the attach, and then reports an unknown error. Rejecting
+                # that message with the error lets it raise the matching exception.
+                link.localbus_refusal = error
         link.open()
         link.flow(SEND_CREDIT)
 
@@ -328,7 +367,7 @@ class BrokerHandler(Handler):
         )
         if link.state & Endpoint.LOCAL_UNINIT:
             link.open()
-        link.condition = Condition(error.condition, error.description)
+        link.condition = _condition(error)
         link.close()
 
     def _check_authorized(self, link: Link, path: str) -> None:
@@ -366,13 +405,20 @@ class BrokerHandler(Handler):
         if link.credit < SEND_CREDIT // 2:
             link.flow(SEND_CREDIT - link.credit)
         kind = getattr(link, "localbus_kind", "entity")
+        refusal = getattr(link, "localbus_refusal", None)
+        if refusal is not None:
+            delivery.local.condition = _condition(refusal)
+            delivery.update(Disposition.REJECTED)
+            delivery.settle()
+            self._refuse(link, refusal)
+            return
         try:
             if kind == "entity":
                 self._accept_messages(link, bytes(payload))
             else:
                 self._answer_request(link, kind, bytes(payload))
         except BrokerError as error:
-            delivery.local.condition = Condition(error.condition, error.description)
+            delivery.local.condition = _condition(error)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
             return
@@ -427,7 +473,7 @@ class BrokerHandler(Handler):
             self.state.settle(link.localbus_path, token, outcome, reason, description)
         except BrokerError as error:
             log.info("settlement_rejected condition=%s", error.condition)
-            delivery.local.condition = Condition(error.condition, error.description)
+            delivery.local.condition = _condition(error)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
             return
@@ -498,6 +544,16 @@ class BrokerHandler(Handler):
         self._timer_at = None
         self.state.fire_deadlines()
         self._after_change()
+
+
+def _condition(error: BrokerError) -> Condition:
+    # pyamqp 7.15 indexes the info field of an error without checking that it is
+    # present, and proton leaves an empty info out, so always send one entry.
+    return Condition(
+        error.condition,
+        error.description,
+        {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())},
+    )
 
 
 def _link_kind(path: str) -> str:
