@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.errors import ConsumerError
 from consumer.events import (
@@ -340,3 +342,36 @@ def test_description_does_not_echo_input() -> None:
     error = rejection(body)
 
     assert secret_like not in error.description
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_reject(body: bytes) -> None:
+    try:
+        parse_event(body)
+    except EventRejected as error:
+        assert error.reason in ("MalformedBody", "SchemaValidationFailed")
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.sampled_from(sorted(EVENT_TYPES)))
+def test_any_payload_parses_or_rejects(payload: Any, event_type: str) -> None:
+    body = created(eventType=event_type, payload=payload)
+
+    try:
+        event = parse_event(json.dumps(body))
+    except EventRejected as error:
+        assert error.reason != "UnknownEventType"
+        assert len(error.description) <= MAX_DESCRIPTION_CHARS
+    else:
+        assert event.event_type == event_type
