@@ -30,6 +30,8 @@ class Journal(Protocol):
 
     def last_sequence_number(self) -> int: ...
 
+    def stored_entities(self) -> list[EntityConfig]: ...
+
     def stored_messages(self) -> Iterable[tuple[str, Message]]: ...
 
     def session_states(self) -> Iterable[tuple[str, str, bytes]]: ...
@@ -64,6 +66,9 @@ class NullJournal:
 
     def last_sequence_number(self) -> int:
         return 0
+
+    def stored_entities(self) -> list[EntityConfig]:
+        return []
 
     def stored_messages(self) -> Iterable[tuple[str, Message]]:
         return ()

@@ -62,6 +62,9 @@ class BrokerState(SessionLocking):
         self.dead_letter_stores: dict[str, MessageStore] = {}
         for entity in entities:
             self.add_entity(entity)
+        for entity in self._journal.stored_entities():
+            if entity.name.lower() not in self.targets:
+                self.add_entity(entity)
         self._sequence = itertools.count(self._journal.last_sequence_number() + 1)
         self._receivers: dict[int, Receiver] = {}
         self._listeners: dict[str, dict[int, None]] = {}
@@ -490,6 +493,10 @@ class BrokerState(SessionLocking):
             if message.status is not MessageStatus.DEFERRED:
                 message.status = MessageStatus.AVAILABLE
             store.add(message)
+            if message.expires_at_ms is not None:
+                self._add_deadline(
+                    message.expires_at_ms, "ttl", store.name, message.sequence_number
+                )
         for store_name, session_id, state in self._journal.session_states():
             store = self.stores.get(store_name)
             if store is not None:
