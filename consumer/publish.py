@@ -8,8 +8,9 @@ property. Messages go out in size-limited batches in input order, which keeps ev
 order's events in sequence. Transient send errors are retried with capped exponential
 backoff.
 
-NOTE: a batch may mix sessions. Partitioned entities may reject such batches; the local
-broker and non-partitioned queues accept them.
+A batch may mix sessions unless `one_session_per_batch` is set. Partitioned entities
+need that option, because Service Bus uses the session id as partition key and cannot
+take one batch for several partitions.
 """
 
 from __future__ import annotations
@@ -184,24 +185,33 @@ def build_raw_message(
     )
 
 
-def _log_retry(attempt: int, delay_s: float, error: ServiceBusError) -> None:
-    _log.warning(
-        "batch_send_retried",
-        attempt=attempt,
-        delay_s=delay_s,
-        error_type=type(error).__name__,
-        error=redact(str(error)),
-    )
-
-
 class _Batcher:
     """Counts and retry decisions shared by the sync and async senders."""
 
-    def __init__(self, retry: SendRetryPolicy) -> None:
+    def __init__(self, retry: SendRetryPolicy, one_session_per_batch: bool) -> None:
         self.retry = retry
+        self.one_session_per_batch = one_session_per_batch
+        self.batch_session: str | None = None
         self.messages = 0
         self.batches = 0
         self.retries = 0
+
+    def try_add(self, batch: Any, message: ServiceBusMessage) -> bool:
+        """Add `message` to `batch`, or return False when it needs a new batch.
+
+        Raises `InvalidEventError` when the message does not fit even an empty batch.
+        """
+        other_session = message.session_id != self.batch_session
+        if self.one_session_per_batch and len(batch) and other_session:
+            return False
+        try:
+            batch.add_message(message)
+        except MessageSizeExceededError as error:
+            if len(batch) == 0:
+                raise _too_large(message, error) from None
+            return False
+        self.batch_session = message.session_id
+        return True
 
     def should_retry(self, attempt: int, error: ServiceBusError) -> float | None:
         """Return the wait before another attempt, or None to give up."""
@@ -209,7 +219,13 @@ class _Batcher:
             return None
         delay_s = self.retry.delay_s(attempt)
         self.retries += 1
-        _log_retry(attempt, delay_s, error)
+        _log.warning(
+            "batch_send_retried",
+            attempt=attempt,
+            delay_s=delay_s,
+            error_type=type(error).__name__,
+            error=redact(str(error)),
+        )
         return delay_s
 
     def result(self) -> PublishResult:
@@ -231,28 +247,23 @@ def send_batched(
     *,
     max_batch_bytes: int | None = None,
     retry: SendRetryPolicy | None = None,
+    one_session_per_batch: bool = False,
 ) -> PublishResult:
     """Send `messages` in order, in batches of at most `max_batch_bytes`.
 
     The default limit is the sender link's maximum message size. A batch is sent when
-    the next message does not fit. Transient errors are retried per batch, and any
+    the next message does not fit, or has another session id and
+    `one_session_per_batch` is set. Transient errors are retried per batch, and any
     other `ServiceBusError` propagates.
     """
-    batcher = _Batcher(retry or SendRetryPolicy())
+    batcher = _Batcher(retry or SendRetryPolicy(), one_session_per_batch)
     batch = sender.create_message_batch(max_batch_bytes)
     for message in messages:
-        try:
-            batch.add_message(message)
+        if batcher.try_add(batch, message):
             continue
-        except MessageSizeExceededError as error:
-            if len(batch) == 0:
-                raise _too_large(message, error) from None
         _send_sync(sender, batch, batcher)
         batch = sender.create_message_batch(max_batch_bytes)
-        try:
-            batch.add_message(message)
-        except MessageSizeExceededError as error:
-            raise _too_large(message, error) from None
+        batcher.try_add(batch, message)
     if len(batch):
         _send_sync(sender, batch, batcher)
     return batcher.result()
@@ -281,23 +292,17 @@ async def send_batched_async(
     *,
     max_batch_bytes: int | None = None,
     retry: SendRetryPolicy | None = None,
+    one_session_per_batch: bool = False,
 ) -> PublishResult:
     """Send `messages` like `send_batched`, on an `azure.servicebus.aio` sender."""
-    batcher = _Batcher(retry or SendRetryPolicy())
+    batcher = _Batcher(retry or SendRetryPolicy(), one_session_per_batch)
     batch = await sender.create_message_batch(max_batch_bytes)
     for message in messages:
-        try:
-            batch.add_message(message)
+        if batcher.try_add(batch, message):
             continue
-        except MessageSizeExceededError as error:
-            if len(batch) == 0:
-                raise _too_large(message, error) from None
         await _send_async(sender, batch, batcher)
         batch = await sender.create_message_batch(max_batch_bytes)
-        try:
-            batch.add_message(message)
-        except MessageSizeExceededError as error:
-            raise _too_large(message, error) from None
+        batcher.try_add(batch, message)
     if len(batch):
         await _send_async(sender, batch, batcher)
     return batcher.result()
@@ -394,6 +399,7 @@ def publish_messages_sync(
     *,
     max_batch_bytes: int | None = None,
     retry: SendRetryPolicy | None = None,
+    one_session_per_batch: bool = False,
 ) -> PublishResult:
     """Send `messages` to the entity of `settings` on a new client, then close it.
 
@@ -403,7 +409,11 @@ def publish_messages_sync(
     try:
         with _open_sender(settings) as sender:
             return send_batched(
-                sender, messages, max_batch_bytes=max_batch_bytes, retry=retry
+                sender,
+                messages,
+                max_batch_bytes=max_batch_bytes,
+                retry=retry,
+                one_session_per_batch=one_session_per_batch,
             )
     except (ServiceBusError, ValueError) as error:
         if isinstance(error, InvalidEventError):
@@ -417,12 +427,17 @@ async def publish_messages(
     *,
     max_batch_bytes: int | None = None,
     retry: SendRetryPolicy | None = None,
+    one_session_per_batch: bool = False,
 ) -> PublishResult:
     """Send `messages` like `publish_messages_sync`, on an `aio` client."""
     try:
         async with _open_sender_async(settings) as sender:
             return await send_batched_async(
-                sender, messages, max_batch_bytes=max_batch_bytes, retry=retry
+                sender,
+                messages,
+                max_batch_bytes=max_batch_bytes,
+                retry=retry,
+                one_session_per_batch=one_session_per_batch,
             )
     except (ServiceBusError, ValueError) as error:
         if isinstance(error, InvalidEventError):

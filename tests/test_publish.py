@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -163,13 +164,14 @@ EVENTS_QUEUE = "publish.events"
 RAW_QUEUE = "publish.raw"
 RETRY_QUEUE = "publish.retry"
 SYNC_QUEUE = "publish.sync"
+SESSIONS_QUEUE = "publish.sessions"
 
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[Any]:
     from localbus.testing import run_broker
 
-    queues = [EVENTS_QUEUE, RAW_QUEUE, RETRY_QUEUE, SYNC_QUEUE]
+    queues = [EVENTS_QUEUE, RAW_QUEUE, RETRY_QUEUE, SYNC_QUEUE, SESSIONS_QUEUE]
     with run_broker(entities=queues) as running:
         yield running
 
@@ -384,3 +386,18 @@ async def test_unknown_queue_is_transport_error(
 
     assert "no.such.queue" in str(caught.value)
     assert "SAS_KEY_VALUE" not in str(caught.value)
+
+
+async def test_one_session_per_batch(broker: Any, events: list[dict[str, Any]]) -> None:
+    messages = build_messages(events)
+    runs = 1 + sum(
+        1
+        for previous, current in itertools.pairwise(messages)
+        if previous.session_id != current.session_id
+    )
+    settings = settings_for(broker, SESSIONS_QUEUE)
+
+    result = await publish_messages(settings, messages, one_session_per_batch=True)
+
+    assert result.messages == len(messages)
+    assert result.batches == runs
