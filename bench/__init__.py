@@ -1,0 +1,1 @@
+"""Benchmarks of the orders consumer against a hand-written baseline."""

@@ -1,0 +1,1 @@
+"""One module per benchmark measure; `common` starts and reads the child runs."""

@@ -1,0 +1,186 @@
+"""Measures against the local broker: throughput, turnover, scaling and latency.
+
+Each measure runs our consumer and the baseline on the same workload, one after the
+other, each on a fresh entity, with the same concurrency, prefetch, handler and idle
+timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.measures.common import BenchContext, rate, ratio, run_child
+from bench.worker import WorkerSpec
+from bench.workload import order_messages
+
+KINDS = ("ours", "baseline")
+SCALING_HANDLER_S = 0.020
+LATENCY_EVENTS_PER_ORDER = 10
+LATENCY_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Orders and events per order, and how the consumer under test is configured."""
+
+    orders: int
+    events_per_order: int
+    concurrency: int
+    handler_delay_s: float = 0.0
+
+    @property
+    def messages(self) -> int:
+        """Number of messages the workload publishes."""
+        return self.orders * self.events_per_order
+
+
+async def run_pair(
+    context: BenchContext, workload: Workload, profile: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run ours and the baseline on `workload`, preloaded; return results by kind.
+
+    With `profile`, our consumer runs under pyinstrument and writes its profile to
+    `profile` inside the context's profile folder.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for kind in KINDS:
+        entity = context.next_entity()
+        profile_path = None
+        if profile and kind == "ours" and context.profile_dir is not None:
+            profile_path = str(context.profile_dir / profile)
+        spec = WorkerSpec(
+            kind=kind,
+            entity=entity,
+            expected=workload.messages,
+            concurrency=workload.concurrency,
+            idle_timeout_s=context.sizes.idle_timeout_s,
+            handler_delay_s=workload.handler_delay_s,
+            profile_path=profile_path,
+        )
+        messages = order_messages(workload.orders, workload.events_per_order, entity)
+        results[kind] = await run_child(context, spec, preload=messages)
+    return results
+
+
+def _summary(result: dict[str, Any], orders: int) -> dict[str, float]:
+    messages = result["messages"]
+    elapsed_s = result["elapsed_s"]
+    return {
+        "messages": messages,
+        "elapsed_s": elapsed_s,
+        "messages_per_s": rate(messages, elapsed_s),
+        "orders_per_s": rate(orders, elapsed_s),
+        "cpu_s_per_1000": rate(result["cpu_s"] * 1000, messages),
+        "broker_cpu_s_per_1000": rate(result["broker_cpu_s"] * 1000, messages),
+    }
+
+
+async def measure_throughput(context: BenchContext) -> dict[str, Any]:
+    """Messages per second and consumer CPU per 1,000 messages, no-op handler."""
+    sizes = context.sizes
+    figures: dict[str, Any] = {}
+    for concurrency in sizes.throughput_levels:
+        workload = Workload(
+            sizes.throughput_orders, sizes.throughput_events, concurrency
+        )
+        profile = f"consumer-throughput-{concurrency}.txt"
+        pair = await run_pair(context, workload, profile=profile)
+        ours = _summary(pair["ours"], workload.orders)
+        baseline = _summary(pair["baseline"], workload.orders)
+        figures[str(concurrency)] = {
+            "orders": workload.orders,
+            "events_per_order": workload.events_per_order,
+            "ours": ours,
+            "baseline": baseline,
+            "ratio": ratio(ours["messages_per_s"], baseline["messages_per_s"]),
+        }
+    return figures
+
+
+def _breakdown(result: dict[str, Any]) -> dict[str, float]:
+    """Return seconds per session by phase; a phase may overlap others."""
+    times = result["times"]
+    sessions = max(1, int(times["sessions"]))
+    per_session = {
+        name.removesuffix("_s") + "_s_per_session": value / sessions
+        for name, value in times.items()
+        if name != "sessions"
+    }
+    per_session["broker_cpu_s_per_session"] = result["broker_cpu_s"] / sessions
+    per_session["sessions"] = sessions
+    return per_session
+
+
+async def measure_turnover(context: BenchContext) -> dict[str, Any]:
+    """Orders completed per second for single-event and three-event orders."""
+    sizes = context.sizes
+    figures: dict[str, Any] = {}
+    for events in sizes.turnover_events:
+        workload = Workload(sizes.turnover_orders, events, sizes.turnover_concurrency)
+        pair = await run_pair(context, workload)
+        ours = _summary(pair["ours"], workload.orders)
+        baseline = _summary(pair["baseline"], workload.orders)
+        figures[f"{events}_event"] = {
+            "orders": workload.orders,
+            "events_per_order": events,
+            "concurrency": workload.concurrency,
+            "ours": {**ours, "breakdown": _breakdown(pair["ours"])},
+            "baseline": {**baseline, "breakdown": _breakdown(pair["baseline"])},
+            "ratio": ratio(ours["orders_per_s"], baseline["orders_per_s"]),
+        }
+    return figures
+
+
+async def measure_scaling(context: BenchContext) -> dict[str, Any]:
+    """Messages per second with a 20 ms handler at each concurrency level."""
+    sizes = context.sizes
+    figures: dict[str, Any] = {}
+    for concurrency in sizes.scaling_levels:
+        orders = max(2 * concurrency, 16)
+        workload = Workload(
+            orders, sizes.scaling_events, concurrency, SCALING_HANDLER_S
+        )
+        pair = await run_pair(context, workload)
+        figures[str(concurrency)] = {
+            "orders": orders,
+            "events_per_order": sizes.scaling_events,
+            "ours": _summary(pair["ours"], orders),
+            "baseline": _summary(pair["baseline"], orders),
+        }
+    lowest = figures[str(sizes.scaling_levels[0])]
+    for level in figures.values():
+        for kind in KINDS:
+            single = lowest[kind]["messages_per_s"]
+            level[kind]["over_lowest"] = ratio(level[kind]["messages_per_s"], single)
+    return figures
+
+
+async def measure_latency(context: BenchContext, max_rate: float) -> dict[str, Any]:
+    """Enqueue-to-completion p50 and p99 at half of `max_rate` messages per second."""
+    target_rate = max(1.0, max_rate / 2)
+    messages_count = max(
+        LATENCY_EVENTS_PER_ORDER,
+        int(target_rate * context.sizes.latency_duration_s),
+    )
+    orders = max(1, messages_count // LATENCY_EVENTS_PER_ORDER)
+    figures: dict[str, Any] = {"target_rate": target_rate, "orders": orders}
+    for kind in KINDS:
+        entity = context.next_entity()
+        messages = order_messages(orders, LATENCY_EVENTS_PER_ORDER, entity)
+        spec = WorkerSpec(
+            kind=kind,
+            entity=entity,
+            expected=len(messages),
+            concurrency=LATENCY_CONCURRENCY,
+            idle_timeout_s=context.sizes.idle_timeout_s,
+            record_latency=True,
+        )
+        result = await run_child(context, spec, steady=messages, rate_per_s=target_rate)
+        figures[kind] = {
+            "messages": result["messages"],
+            "published_rate": result["published_rate"],
+            "p50_ms": result["latency_p50_ms"],
+            "p99_ms": result["latency_p99_ms"],
+        }
+    return figures
