@@ -487,11 +487,11 @@ async def dead_letters(connection_string: str) -> list[ServiceBusReceivedMessage
 
 @pytest.mark.slow
 async def test_consumed_stream_matches_reference(broker: Any, tmp_path: Path) -> None:
-    stream = generate_stream(200, seed=21)
+    stream = generate_stream(60, seed=21)
 
     actual = await consume_with_handlers(broker, tmp_path, stream)
 
-    assert len(actual) == 200
+    assert len(actual) == 60
     assert actual == project_stream(stream)
     assert await dead_letters(broker.connection_string) == []
 
