@@ -1,0 +1,144 @@
+"""A CI-sized chaos run and unit checks of the oracle that judges it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import RunOptions, run_chaos
+from tests.chaos.journal import JournalEntry
+from tests.chaos.oracle import DeadLetterRecord, FinalSession, InjectedFault, judge
+from tests.chaos.plan import FaultKind, PublishedMessage, plan_run
+from tests.chaos.summary import render
+
+# One seed whose schedule holds every fault kind; 40 s of faults and publishing, then
+# the drain and the inspection, about a minute in all on a 2-core machine.
+CI_SEED = 2
+CI_DURATION_S = 40.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
+    report = await run_chaos(
+        RunOptions(seed=CI_SEED, duration_s=CI_DURATION_S, work_dir=tmp_path)
+    )
+    summary = render(report)
+    assert report.verdict.violations == [], summary
+    assert report.verdict.counts["handled"] > 0, summary
+    injected = set(report.faults_by_kind)
+    expected = {kind.value for kind in FaultKind}
+    if not report.broker_durable:
+        expected.discard(FaultKind.RESTART_BROKER.value)
+    assert expected <= injected, summary
+
+
+def test_plan_repeats_for_a_seed() -> None:
+    first = plan_run(5, 60.0, lock_duration_s=3.0)
+    again = plan_run(5, 60.0, lock_duration_s=3.0)
+    assert first == again
+
+
+def test_plan_holds_every_fault_kind() -> None:
+    plan = plan_run(5, 30.0, lock_duration_s=3.0)
+    assert {fault.kind for fault in plan.faults} == set(FaultKind)
+
+
+def message(index: int, order_id: str = "ORD-1") -> PublishedMessage:
+    return PublishedMessage(index, order_id, f"m{index}", {})
+
+
+def handled(
+    index: int, at: float, pid: int = 1, sequence_number: int | None = None
+) -> JournalEntry:
+    return JournalEntry(
+        order_id="ORD-1",
+        message_id=f"m{index}",
+        sequence_number=index + 1 if sequence_number is None else sequence_number,
+        delivery_count=0,
+        pid=pid,
+        started_at=at - 0.1,
+        at=at,
+    )
+
+
+def verdict_of(
+    journal: list[JournalEntry],
+    *,
+    dead: tuple[DeadLetterRecord, ...] = (),
+    sessions: tuple[FinalSession, ...] = (),
+    faults: tuple[InjectedFault, ...] = (),
+    published: int = 3,
+) -> list[str]:
+    messages = [message(index) for index in range(published)]
+    return judge(messages, frozenset(), journal, dead, sessions, faults).violations
+
+
+def test_oracle_accepts_ordered_run() -> None:
+    journal = [handled(0, 1.0), handled(1, 2.0), handled(2, 3.0)]
+    assert verdict_of(journal) == []
+
+
+def test_oracle_reports_lost_message() -> None:
+    violations = verdict_of([handled(0, 1.0), handled(1, 2.0)])
+    assert len(violations) == 1
+    assert "m2" in violations[0]
+    assert "lost" in violations[0]
+
+
+def test_oracle_reports_reordering() -> None:
+    violations = verdict_of([handled(0, 1.0), handled(2, 2.0), handled(1, 3.0)])
+    assert any("before an earlier message" in text for text in violations)
+
+
+def test_oracle_reports_run_past_dead_letter() -> None:
+    dead = DeadLetterRecord("m1", "ORD-1", 2, "ChaosPoison", "planned")
+    violations = verdict_of([handled(0, 1.0), handled(2, 3.0)], dead=(dead,))
+    assert len(violations) == 1
+    assert "dead-lettered" in violations[0]
+
+
+def test_oracle_accepts_parked_order() -> None:
+    dead = DeadLetterRecord("m1", "ORD-1", 2, "ChaosPoison", "planned")
+    parked = FinalSession(
+        "ORD-1", ((3, "m2"),), parked=True, deferred_sequence_numbers=(3,)
+    )
+    assert verdict_of([handled(0, 1.0)], dead=(dead,), sessions=(parked,)) == []
+
+
+def test_oracle_reports_stuck_deferred_message() -> None:
+    session = FinalSession(
+        "ORD-1", ((3, "m2"),), parked=False, deferred_sequence_numbers=(3,)
+    )
+    violations = verdict_of([handled(0, 1.0), handled(1, 2.0)], sessions=(session,))
+    assert any("not parked" in text for text in violations)
+
+
+def test_oracle_explains_duplicate_by_fault() -> None:
+    journal = [
+        handled(0, 1.0),
+        handled(0, 5.0, pid=2),
+        handled(1, 6.0),
+        handled(2, 7.0),
+    ]
+    kill = InjectedFault(at=1.5, kind="kill_consumer", detail="slot 0")
+    assert verdict_of(journal, faults=(kill,)) == []
+
+
+def test_oracle_reports_unexplained_duplicate() -> None:
+    journal = [
+        handled(0, 1.0),
+        handled(0, 5.0, pid=2),
+        handled(1, 6.0),
+        handled(2, 7.0),
+    ]
+    violations = verdict_of(journal)
+    assert len(violations) == 1
+    assert "handled again" in violations[0]
+
+
+def test_oracle_reports_dead_letter_without_reason() -> None:
+    dead = DeadLetterRecord("m2", "ORD-1", 3, "", "")
+    violations = verdict_of([handled(0, 1.0), handled(1, 2.0)], dead=(dead,))
+    assert violations == ["dead-lettered without a reason: m2"]
