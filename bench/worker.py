@@ -82,7 +82,7 @@ async def _run_ours(spec: WorkerSpec, connection: str, recorder: Recorder) -> No
         await recorder.done.wait()
     finally:
         app.stop()
-        await asyncio.wait_for(task, STOP_TIMEOUT_S)
+        await task
 
 
 async def _run_baseline(spec: WorkerSpec, connection: str, recorder: Recorder) -> None:
@@ -107,28 +107,48 @@ async def consume(spec: WorkerSpec, connection: str) -> dict[str, Any]:
 
     Return the figures of the run: elapsed seconds and CPU seconds of this process from
     the start of consuming to the last completion, completions, the phase times, the
-    latency percentiles and RSS samples.
+    latency percentiles, RSS samples, and how long the consumer took to stop. A
+    consumer that does not stop within `STOP_TIMEOUT_S` is reported with
+    `stop_timed_out` and the process exits at once without waiting for it.
     """
     recorder = Recorder(spec.expected, spec.record_latency, frozenset(spec.rss_at))
     run = _run_ours if spec.kind == "ours" else _run_baseline
     print(READY_LINE, flush=True)
     cpu_started = time.process_time()
     started = time.perf_counter()
-    stopping = asyncio.create_task(run(spec, connection, recorder))
-    await recorder.done.wait()
+    runner = asyncio.create_task(run(spec, connection, recorder))
+    finished = asyncio.ensure_future(recorder.done.wait())
+    await asyncio.wait({runner, finished}, return_when=asyncio.FIRST_COMPLETED)
+    if not recorder.done.is_set():
+        finished.cancel()
+        runner.result()
+        raise RuntimeError(f"the {spec.kind} consumer stopped before completing all")
     cpu_s = time.process_time() - cpu_started
     elapsed_s = (recorder.finished_at or time.perf_counter()) - started
-    await stopping
-    return {
+    stop_started = time.perf_counter()
+    _, pending = await asyncio.wait({runner}, timeout=STOP_TIMEOUT_S)
+    result = {
         "kind": spec.kind,
         "messages": recorder.completed,
         "elapsed_s": elapsed_s,
         "cpu_s": cpu_s,
+        "stop_s": time.perf_counter() - stop_started,
+        "stop_timed_out": bool(pending),
         "times": recorder.times.as_dict(),
         "latency_p50_ms": percentile(recorder.latencies_s, 0.50) * 1000,
         "latency_p99_ms": percentile(recorder.latencies_s, 0.99) * 1000,
         "rss_mb": {str(count): mb for count, mb in sorted(recorder.rss_mb.items())},
     }
+    if pending:
+        # Waiting for a consumer stuck in shutdown would hang the benchmark.
+        _emit(spec, result)
+        os._exit(0)
+    runner.result()
+    return result
+
+
+def _emit(spec: WorkerSpec, result: dict[str, Any]) -> None:
+    print(json.dumps({"spec": asdict(spec), **result}), flush=True)
 
 
 def _profiled(spec: WorkerSpec, connection: str) -> dict[str, Any]:
@@ -159,7 +179,7 @@ def main() -> int:
         result = _profiled(spec, connection)
     else:
         result = asyncio.run(consume(spec, connection))
-    print(json.dumps({"spec": asdict(spec), **result}), flush=True)
+    _emit(spec, result)
     return 0
 
 

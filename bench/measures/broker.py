@@ -137,7 +137,7 @@ async def measure_scaling(context: BenchContext) -> dict[str, Any]:
     sizes = context.sizes
     figures: dict[str, Any] = {}
     for concurrency in sizes.scaling_levels:
-        orders = max(2 * concurrency, 16)
+        orders = max(2 * concurrency, sizes.scaling_min_orders)
         workload = Workload(
             orders, sizes.scaling_events, concurrency, SCALING_HANDLER_S
         )

@@ -38,6 +38,7 @@ class Sizes:
     throughput_events: int
     turnover_orders: int
     scaling_events: int
+    scaling_min_orders: int
     scaling_levels: tuple[int, ...]
     latency_duration_s: float
     memory_orders: int
@@ -51,14 +52,15 @@ class Sizes:
 
 QUICK = Sizes(
     idle_timeout_s=1.0,
-    throughput_orders=20,
+    throughput_orders=16,
     throughput_events=50,
-    turnover_orders=150,
+    turnover_orders=80,
     scaling_events=10,
+    scaling_min_orders=8,
     scaling_levels=(1, 8, 32, 64),
     latency_duration_s=8.0,
     memory_orders=1_000,
-    memory_checkpoints=(4_000, 20_000),
+    memory_checkpoints=(2_000, 10_000),
     overhead_orders=50,
     overhead_events=40,
 )
@@ -67,7 +69,8 @@ FULL = Sizes(
     throughput_orders=100,
     throughput_events=50,
     turnover_orders=1_000,
-    scaling_events=20,
+    scaling_events=50,
+    scaling_min_orders=32,
     scaling_levels=(1, 8, 32, 64),
     latency_duration_s=30.0,
     memory_orders=5_000,
@@ -81,6 +84,7 @@ TINY = Sizes(
     throughput_events=5,
     turnover_orders=4,
     scaling_events=2,
+    scaling_min_orders=2,
     scaling_levels=(1,),
     latency_duration_s=1.0,
     memory_orders=10,
