@@ -197,6 +197,11 @@ class BrokerHandler(Handler):
         if event.connection is not None:
             self._release_connection(event.connection)
 
+    def on_transport_tail_closed(self, event: Event) -> None:
+        # Proton stops reading after the peer's end of stream or an undecodable
+        # frame, but it keeps the socket open until its output side closes too.
+        event.transport.close_head()
+
     def on_transport_error(self, event: Event) -> None:
         condition = event.transport.condition
         log.warning(
