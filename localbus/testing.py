@@ -195,6 +195,7 @@ class BrokerProcess:
         self.port = options.port
         self._extra_args = list(extra_args)
         self._process: subprocess.Popen[str] | None = None
+        self.exit_status: int | None = None
 
     @property
     def connection_string(self) -> str:
@@ -273,6 +274,7 @@ class BrokerProcess:
                 process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+        self.exit_status = process.returncode
         self._process = None
 
 
