@@ -15,6 +15,7 @@ from typing import Any
 
 from proton import Data, Described, symbol, timestamp, ubyte, uint, ulong
 
+from localbus.errors import DECODE_ERROR, MESSAGE_SIZE_EXCEEDED, BrokerError
 from localbus.messages import Delivery, IncomingMessage
 
 HEADER = 0x70
@@ -116,6 +117,21 @@ def split_batch(payload: bytes) -> list[bytes] | None:
             return None
         inner.append(candidate)
     return inner
+
+
+def read_transfer(payload: bytes, path: str, max_size: int) -> list[IncomingMessage]:
+    """Decode one transfer, a single message or a batch, sent to `path`."""
+    if len(payload) > max_size:
+        raise BrokerError(
+            MESSAGE_SIZE_EXCEEDED,
+            f"the message of {len(payload)} bytes exceeds the maximum size of "
+            f"{max_size} bytes of {path!r}",
+        )
+    try:
+        inner = split_batch(payload)
+        return [read_incoming(body) for body in (inner or [payload])]
+    except MalformedMessage as error:
+        raise BrokerError(DECODE_ERROR, f"invalid message: {error}") from error
 
 
 def read_incoming(payload: bytes) -> IncomingMessage:

@@ -7,7 +7,6 @@ events, so a waiting receiver or accept is woken by the arrival itself.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import time
@@ -16,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from proton import (
-    Condition,
     Delivery,
     Disposition,
     Endpoint,
@@ -30,17 +28,8 @@ from proton import (
 from proton.reactor import Container
 
 from localbus.auth import SharedAccessKey
-from localbus.codec import (
-    MalformedMessage,
-    encode_delivery,
-    read_incoming,
-    split_batch,
-    tag_of,
-)
+from localbus.codec import encode_delivery, read_transfer, tag_of
 from localbus.errors import (
-    DECODE_ERROR,
-    INTERNAL_ERROR,
-    MESSAGE_SIZE_EXCEEDED,
     SESSION_LOCK_LOST,
     TIMEOUT,
     UNAUTHORIZED,
@@ -48,7 +37,16 @@ from localbus.errors import (
 )
 from localbus.management import ManagementRequest, handle_cbs, handle_management
 from localbus.paths import entity_path
-from localbus.records import MessagesReady, Outcome, SessionGranted, SessionLost
+from localbus.protocol import (
+    Timer,
+    condition_of,
+    dotnet_ticks,
+    guard_handlers,
+    link_kind,
+    outcome_of,
+    read_filters,
+)
+from localbus.records import MessagesReady, SessionGranted, SessionLost
 from localbus.state import BrokerState
 
 log = logging.getLogger("localbus")
@@ -56,10 +54,6 @@ log = logging.getLogger("localbus")
 SESSION_FILTER = symbol("com.microsoft:session-filter")
 LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
 ACCEPT_TIMEOUT = symbol("com.microsoft:timeout")
-DEAD_LETTER_REASON = "DeadLetterReason"
-DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
-# .NET ticks (100 ns since 0001-01-01) at the Unix epoch.
-DOTNET_EPOCH_TICKS = 621_355_968_000_000_000
 # The SDK waits 65 s for a next-available session when it sends no timeout.
 DEFAULT_ACCEPT_TIMEOUT_S = 65.0
 SEND_CREDIT = 200
@@ -68,54 +62,7 @@ CALL_EVENT = "localbus_call"
 STOP_EVENT = "localbus_stop"
 
 
-def dotnet_ticks(epoch_ms: int) -> int:
-    """Convert epoch milliseconds to .NET ticks, as `locked-until-utc` expects."""
-    return epoch_ms * 10_000 + DOTNET_EPOCH_TICKS
-
-
-class _Timer(Handler):
-    def __init__(self, callback: Callable[[], None]) -> None:
-        super().__init__()
-        self._callback = callback
-
-    def on_timer_task(self, event: Event) -> None:
-        self._callback()
-
-
-def _guarded(method: Callable[[Any, Event], None]) -> Callable[[Any, Event], None]:
-    """Contain a failure to the connection whose event raised it.
-
-    An exception escaping a handler would end the container loop and so the whole
-    broker; instead it is logged and only the event's connection is closed.
-    """
-
-    @functools.wraps(method)
-    def run(self: Any, event: Event) -> None:
-        try:
-            method(self, event)
-        except Exception:
-            log.exception("event_failed event=%s", event.type)
-            connection = getattr(event, "connection", None)
-            if connection is not None and connection.state & Endpoint.LOCAL_ACTIVE:
-                # pyamqp 7.15 expects the info field of a close error to be present.
-                connection.condition = Condition(
-                    INTERNAL_ERROR,
-                    "the broker failed to process a frame",
-                    {symbol("event"): str(event.type)},
-                )
-                connection.close()
-
-    return run
-
-
-def _guard_handlers(cls: type[Handler]) -> type[Handler]:
-    for name, value in list(vars(cls).items()):
-        if name.startswith("on_") and callable(value):
-            setattr(cls, name, _guarded(value))
-    return cls
-
-
-@_guard_handlers
+@guard_handlers
 class BrokerHandler(Handler):
     """Proton handler that serves every connection of one broker."""
 
@@ -262,7 +209,7 @@ class BrokerHandler(Handler):
         link.source.address = link.remote_source.address
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
-        kind = _link_kind(path)
+        kind = link_kind(path)
         link.localbus_kind = kind
         link.localbus_path = path
         link.localbus_refusal = None
@@ -286,7 +233,7 @@ class BrokerHandler(Handler):
         link.target.address = link.remote_target.address
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
-        if _link_kind(path) != "entity":
+        if link_kind(path) != "entity":
             link.session.localbus_replies = {
                 **getattr(link.session, "localbus_replies", {}),
                 path.lower(): link,
@@ -296,7 +243,7 @@ class BrokerHandler(Handler):
         self._attach_receiver(link, path)
 
     def _attach_receiver(self, link: Sender, path: str) -> None:
-        filters = _read_filters(link)
+        filters = read_filters(link)
         has_filter = SESSION_FILTER in filters
         session_id = filters.get(SESSION_FILTER)
         receiver_id = next(self._receiver_ids)
@@ -344,7 +291,7 @@ class BrokerHandler(Handler):
             )
 
         assert self._container is not None
-        link.localbus_accept_timer = self._container.schedule(delay_s, _Timer(expire))
+        link.localbus_accept_timer = self._container.schedule(delay_s, Timer(expire))
 
     def _complete_attach(
         self, link: Sender, session_id: str | None, locked_until_ms: int | None
@@ -372,7 +319,7 @@ class BrokerHandler(Handler):
         )
         if link.state & Endpoint.LOCAL_UNINIT:
             link.open()
-        link.condition = _condition(error)
+        link.condition = condition_of(error)
         link.close()
 
     def _check_authorized(self, link: Link, path: str) -> None:
@@ -412,7 +359,7 @@ class BrokerHandler(Handler):
         kind = getattr(link, "localbus_kind", "entity")
         refusal = getattr(link, "localbus_refusal", None)
         if refusal is not None:
-            delivery.local.condition = _condition(refusal)
+            delivery.local.condition = condition_of(refusal)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
             self._refuse(link, refusal)
@@ -423,7 +370,7 @@ class BrokerHandler(Handler):
             else:
                 self._answer_request(link, kind, bytes(payload))
         except BrokerError as error:
-            delivery.local.condition = _condition(error)
+            delivery.local.condition = condition_of(error)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
             return
@@ -432,19 +379,8 @@ class BrokerHandler(Handler):
 
     def _accept_messages(self, link: Receiver, payload: bytes) -> None:
         path = link.localbus_path
-        target = self.state.target_for(path)
-        if len(payload) > target.max_message_size_bytes:
-            raise BrokerError(
-                MESSAGE_SIZE_EXCEEDED,
-                f"the message of {len(payload)} bytes exceeds the maximum size of "
-                f"{target.max_message_size_bytes} bytes of {path!r}",
-            )
-        try:
-            inner = split_batch(payload)
-            incoming = [read_incoming(body) for body in (inner or [payload])]
-        except MalformedMessage as error:
-            raise BrokerError(DECODE_ERROR, f"invalid message: {error}") from error
-        self.state.send(path, incoming)
+        limit = self.state.target_for(path).max_message_size_bytes
+        self.state.send(path, read_transfer(payload, path, limit))
 
     def _answer_request(self, link: Receiver, kind: str, payload: bytes) -> None:
         request = ManagementRequest.decode(payload, link.localbus_path)
@@ -472,13 +408,13 @@ class BrokerHandler(Handler):
         if token is None:
             delivery.settle()
             return
-        outcome, reason, description = _outcome_of(delivery)
+        outcome, reason, description = outcome_of(delivery)
         delivery.localbus_token = None
         try:
             self.state.settle(link.localbus_path, token, outcome, reason, description)
         except BrokerError as error:
             log.info("settlement_rejected condition=%s", error.condition)
-            delivery.local.condition = _condition(error)
+            delivery.local.condition = condition_of(error)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
             return
@@ -542,55 +478,10 @@ class BrokerHandler(Handler):
             self._timer.cancel()
         self._timer_at = deadline
         delay = max(0.0, deadline - time.time()) + 0.001
-        self._timer = self._container.schedule(delay, _Timer(self._on_deadline))
+        self._timer = self._container.schedule(delay, Timer(self._on_deadline))
 
     def _on_deadline(self) -> None:
         self._timer = None
         self._timer_at = None
         self.state.fire_deadlines()
         self._after_change()
-
-
-def _condition(error: BrokerError) -> Condition:
-    # pyamqp 7.15 indexes the info field of an error without checking that it is
-    # present, and proton leaves an empty info out, so always send one entry.
-    return Condition(
-        error.condition,
-        error.description,
-        {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())},
-    )
-
-
-def _link_kind(path: str) -> str:
-    lowered = path.lower()
-    if lowered == "$cbs":
-        return "cbs"
-    if lowered.endswith("$management"):
-        return "management"
-    return "entity"
-
-
-def _read_filters(link: Sender) -> dict[Any, Any]:
-    data = link.remote_source.filter
-    data.rewind()
-    if not data.next():
-        return {}
-    value = data.get_object()
-    return dict(value) if isinstance(value, dict) else {}
-
-
-def _outcome_of(delivery: Delivery) -> tuple[Outcome, str | None, str | None]:
-    state = delivery.remote_state
-    if state == Disposition.ACCEPTED:
-        return Outcome.COMPLETE, None, None
-    if state == Disposition.REJECTED:
-        condition = delivery.remote.condition
-        info = dict(condition.info or {}) if condition is not None else {}
-        reason = info.get(DEAD_LETTER_REASON)
-        description = info.get(DEAD_LETTER_DESCRIPTION)
-        if description is None and condition is not None:
-            description = condition.description
-        return Outcome.DEAD_LETTER, reason, description
-    if state == Disposition.MODIFIED and delivery.remote.undeliverable:
-        return Outcome.DEFER, None, None
-    return Outcome.ABANDON, None, None

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from localbus.errors import SESSION_LOCK_LOST, BrokerError
+from localbus.errors import SESSION_CANNOT_BE_LOCKED, SESSION_LOCK_LOST, BrokerError
 from localbus.journal import Journal
 from localbus.messages import Message, MessageStore, Session
-from localbus.records import Event, MessagesReady, Receiver, SessionGranted
+from localbus.records import (
+    AttachResult,
+    Event,
+    MessagesReady,
+    Receiver,
+    SessionGranted,
+)
 
 
 class SessionLocking:
@@ -29,6 +35,41 @@ class SessionLocking:
 
     def _return_failed(self, store: MessageStore, message: Message) -> None:
         raise NotImplementedError
+
+    def _accept_named(
+        self, store: MessageStore, session_id: str, receiver: Receiver
+    ) -> AttachResult:
+        session = store.session(session_id)
+        if session.holder is not None:
+            raise BrokerError(
+                SESSION_CANNOT_BE_LOCKED,
+                f"session {session_id!r} of {store.name} is locked by another "
+                "receiver; retry after its lock is released or expires",
+            )
+        self._receivers[receiver.receiver_id] = receiver
+        until = self._lock_session(store, session, receiver)
+        return AttachResult(session_id, until)
+
+    def _accept_next_available(
+        self, store: MessageStore, receiver: Receiver
+    ) -> AttachResult:
+        receiver_id = receiver.receiver_id
+        self._receivers[receiver_id] = receiver
+        receiver.waiting = True
+        self._waiting.setdefault(store.name, {})[receiver_id] = None
+        self._grant_waiting(store)
+        if receiver.waiting:
+            return AttachResult(None, None, waiting=True)
+        # Granted at once: the attach reply carries the session, so drop the event.
+        self._events = [
+            event
+            for event in self._events
+            if not (
+                isinstance(event, SessionGranted) and event.receiver_id == receiver_id
+            )
+        ]
+        session = store.sessions[receiver.session_id or ""]
+        return AttachResult(receiver.session_id, session.locked_until_ms)
 
     def _lock_session(
         self, store: MessageStore, session: Session, receiver: Receiver

@@ -8,17 +8,16 @@ session locks were lost. Time comes from the injectable `clock` (seconds), and
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterable
 
 from localbus.config import EntityConfig
+from localbus.deadlines import DeadlineQueue
 from localbus.errors import (
     NOT_ALLOWED,
     NOT_FOUND,
-    SESSION_CANNOT_BE_LOCKED,
     BrokerError,
 )
 from localbus.journal import Journal, NullJournal
@@ -35,7 +34,6 @@ from localbus.records import (
     MessagesReady,
     Outcome,
     Receiver,
-    SessionGranted,
     SessionLost,
 )
 from localbus.routing import SendTarget, build_targets
@@ -70,8 +68,7 @@ class BrokerState(SessionLocking):
         self._listeners: dict[str, dict[int, None]] = {}
         self._waiting: dict[str, dict[int, None]] = {}
         self._events: list[Event] = []
-        self._deadlines: list[tuple[int, int, str, str, object]] = []
-        self._deadline_order = itertools.count()
+        self._deadlines = DeadlineQueue()
         self.scheduled: dict[int, tuple[str, IncomingMessage]] = {}
         self._restore()
 
@@ -239,31 +236,8 @@ class BrokerState(SessionLocking):
             self._events.append(MessagesReady(receiver_id))
             return AttachResult(None, None)
         if session_id is not None:
-            session = store.session(session_id)
-            if session.holder is not None:
-                raise BrokerError(
-                    SESSION_CANNOT_BE_LOCKED,
-                    f"session {session_id!r} of {store.name} is locked by another "
-                    "receiver; retry after its lock is released or expires",
-                )
-            self._receivers[receiver_id] = receiver
-            until = self._lock_session(store, session, receiver)
-            return AttachResult(session_id, until)
-        self._receivers[receiver_id] = receiver
-        receiver.waiting = True
-        self._waiting.setdefault(store.name, {})[receiver_id] = None
-        self._grant_waiting(store)
-        if receiver.waiting:
-            return AttachResult(None, None, waiting=True)
-        session = store.sessions[receiver.session_id or ""]
-        self._events = [
-            event
-            for event in self._events
-            if not (
-                isinstance(event, SessionGranted) and event.receiver_id == receiver_id
-            )
-        ]
-        return AttachResult(receiver.session_id, session.locked_until_ms)
+            return self._accept_named(store, session_id, receiver)
+        return self._accept_next_available(store, receiver)
 
     def cancel_accept(self, receiver_id: int) -> bool:
         """Give up a waiting next-available accept; false when it was granted."""
@@ -413,13 +387,14 @@ class BrokerState(SessionLocking):
 
     def next_deadline(self) -> float | None:
         """Epoch seconds of the earliest pending lock, TTL or schedule deadline."""
-        return self._deadlines[0][0] / 1000 if self._deadlines else None
+        at_ms = self._deadlines.next_at_ms()
+        return at_ms / 1000 if at_ms is not None else None
 
     def fire_deadlines(self) -> None:
         """Expire every lock, TTL and scheduled enqueue that is due."""
         now = self.now_ms()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, kind, name, key = heapq.heappop(self._deadlines)
+        while (deadline := self._deadlines.pop_due(now)) is not None:
+            kind, name, key = deadline.kind, deadline.store, deadline.key
             if kind == "scheduled":
                 self._activate_scheduled(key, now)
                 continue
@@ -434,8 +409,7 @@ class BrokerState(SessionLocking):
                 self._expire_ttl_deadline(store, key, now)
 
     def _add_deadline(self, at_ms: int, kind: str, name: str, key: object) -> None:
-        entry = (at_ms, next(self._deadline_order), kind, name, key)
-        heapq.heappush(self._deadlines, entry)
+        self._deadlines.add(at_ms, kind, name, key)
 
     def _expire_session(self, store: MessageStore, session_id: str, now: int) -> None:
         session = store.sessions.get(session_id)
