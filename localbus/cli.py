@@ -42,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "in place of Azure Service Bus.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+
     parser.add_argument(
         "--port",
         type=int,
         default=5672,
         help="TCP port to listen on; 0 picks a free one",
     )
+
     parser.add_argument(
         "--entity",
         action="append",
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"session-enabled queue to create (repeatable; default {DEFAULT_ENTITY})",
     )
+
     parser.add_argument(
         "--queue",
         action="append",
@@ -62,36 +65,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="queue without sessions to create (repeatable)",
     )
+
     parser.add_argument(
         "--lock-duration-s",
         type=float,
         default=DEFAULT_LOCK_DURATION_S,
         help="session and message lock duration in seconds",
     )
+
     parser.add_argument(
         "--max-delivery-count",
         type=int,
         default=DEFAULT_MAX_DELIVERY_COUNT,
         help="deliveries before a message is dead-lettered as MaxDeliveryCountExceeded",
     )
+
     parser.add_argument(
         "--config",
         type=Path,
         help="entities from a Service Bus emulator Config.json file",
     )
+
     parser.add_argument(
         "--data-dir",
         type=Path,
         help="keep entities, messages and session state in SQLite in this folder",
     )
+
     parser.add_argument(
         "--require-auth",
         action="store_true",
         help="reject CBS tokens not signed with the emulator's shared access key",
     )
+
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+
     return parser
 
 

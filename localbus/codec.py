@@ -1,10 +1,9 @@
 """AMQP 1.0 message encoding for the broker, on python-qpid-proton's `Data` codec.
 
 Stored payloads are the encoded messages exactly as senders sent them. Outgoing
-deliveries reuse their bare-message sections byte for byte and replace the header and
-message annotations with the broker's values, because the SDK reads the sequence
-number, enqueued time and lock expiry from annotations and the delivery count from
-the header.
+deliveries reuse their bare-message sections byte for byte. They get a new header and
+new message annotations, because the SDK reads the delivery count from the header and
+the sequence number, enqueued time and lock expiry from the annotations.
 """
 
 from __future__ import annotations

@@ -102,7 +102,10 @@ class ManagementReply:
 def handle_cbs(
     request: ManagementRequest, access_key: SharedAccessKey, require_auth: bool
 ) -> ManagementReply:
-    """Answer a CBS put-token; with `require_auth` the SAS signature must verify."""
+    """Reply to a CBS put-token request.
+
+    With `require_auth` the token's SAS signature must verify against `access_key`.
+    """
     if request.operation != "put-token":
         return ManagementReply(
             request.message_id,

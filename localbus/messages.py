@@ -18,7 +18,7 @@ from localbus.errors import MESSAGE_LOCK_LOST, SESSION_LOCK_LOST, BrokerError
 
 
 class MessageStatus(Enum):
-    """Where a message is in its life cycle."""
+    """Life-cycle state of a stored message."""
 
     AVAILABLE = "available"
     LOCKED = "locked"
@@ -67,7 +67,7 @@ class Message:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What the protocol edge sends for one message: the payload and broker fields."""
+    """Payload and broker fields that the protocol edge sends for one message."""
 
     sequence_number: int
     payload: bytes

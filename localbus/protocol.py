@@ -47,8 +47,8 @@ class Timer(Handler):
 def _guarded(method: Callable[[Any, Event], None]) -> Callable[[Any, Event], None]:
     """Contain a failure to the connection whose event raised it.
 
-    An exception escaping a handler would end the container loop and so the whole
-    broker; instead it is logged and only the event's connection is closed.
+    An exception that escapes a handler ends the container loop and so the broker.
+    The wrapper logs it and closes only the event's connection.
     """
 
     @functools.wraps(method)

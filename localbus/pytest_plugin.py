@@ -37,7 +37,7 @@ def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @pytest.fixture
 def local_broker(request: pytest.FixtureRequest) -> Iterator[RunningBroker]:
-    """An in-process broker on a free port, stopped after the test."""
+    """Start an in-process broker on a free port and stop it after the test."""
     with run_broker(**_options(request)) as broker:
         yield broker
 
@@ -46,7 +46,7 @@ def local_broker(request: pytest.FixtureRequest) -> Iterator[RunningBroker]:
 def local_broker_process(
     request: pytest.FixtureRequest, tmp_path: Any
 ) -> Iterator[BrokerProcess]:
-    """A `python -m localbus` subprocess on a free port, stopped after the test."""
+    """Start `python -m localbus` on a free port and stop it after the test."""
     options = _options(request)
     with run_broker_process(**options) as broker:
         yield broker

@@ -46,7 +46,7 @@ Event = MessagesReady | SessionGranted | SessionLost
 
 @dataclass
 class Receiver:
-    """A receive link as the state machine sees it."""
+    """State machine record of one receive link."""
 
     receiver_id: int
     store: MessageStore
@@ -59,7 +59,7 @@ class Receiver:
 
 @dataclass(frozen=True)
 class AttachResult:
-    """Answer to a receive attach: the locked session, or that the accept waits."""
+    """Result of a receive attach: the locked session, or that the accept waits."""
 
     session_id: str | None
     locked_until_ms: int | None

@@ -54,7 +54,8 @@ log = logging.getLogger("localbus")
 SESSION_FILTER = symbol("com.microsoft:session-filter")
 LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
 ACCEPT_TIMEOUT = symbol("com.microsoft:timeout")
-# The SDK waits 65 s for a next-available session when it sends no timeout.
+# azure-servicebus 7.15 itself waits 65 s for a next-available session when it
+# sends no timeout, so the broker holds such an accept as long.
 DEFAULT_ACCEPT_TIMEOUT_S = 65.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.
@@ -212,7 +213,7 @@ class BrokerHandler(Handler):
         kind = link_kind(path)
         link.localbus_kind = kind
         link.localbus_path = path
-        link.localbus_refusal = None
+        link.localbus_rejection = None
         if kind == "entity":
             try:
                 target = self.state.target_for(path)
@@ -222,7 +223,7 @@ class BrokerHandler(Handler):
                 # The SDK sends its first message before it reads a detach that
                 # follows the attach, and then reports an unknown error. Rejecting
                 # that message with the error lets it raise the matching exception.
-                link.localbus_refusal = error
+                link.localbus_rejection = error
         link.open()
         link.flow(SEND_CREDIT)
 
@@ -257,7 +258,7 @@ class BrokerHandler(Handler):
                 receive_and_delete=link.remote_snd_settle_mode == Link.SND_SETTLED,
             )
         except BrokerError as error:
-            self._refuse(link, error)
+            self._reject_link(link, error)
             return
         link.localbus_receiver_id = receiver_id
         link.localbus_path = path
@@ -281,7 +282,7 @@ class BrokerHandler(Handler):
             self._receive_links.pop(receiver_id, None)
             link.connection.localbus_receivers.discard(receiver_id)
             link.localbus_receiver_id = None
-            self._refuse(
+            self._reject_link(
                 link,
                 BrokerError(
                     TIMEOUT,
@@ -309,11 +310,11 @@ class BrokerHandler(Handler):
         if receiver_id is not None:
             self._pump(link, receiver_id)
 
-    def _refuse(self, link: Link, error: BrokerError) -> None:
-        # The client expects its attach answered before the detach that carries the
-        # error, so open the link and close it at once.
+    def _reject_link(self, link: Link, error: BrokerError) -> None:
+        # The SDK needs a reply attach before the detach that carries the error,
+        # so open the link and close it at once.
         log.info(
-            "link_refused condition=%s description=%s",
+            "link_rejected condition=%s description=%s",
             error.condition,
             error.description,
         )
@@ -357,12 +358,12 @@ class BrokerHandler(Handler):
         if link.credit < SEND_CREDIT // 2:
             link.flow(SEND_CREDIT - link.credit)
         kind = getattr(link, "localbus_kind", "entity")
-        refusal = getattr(link, "localbus_refusal", None)
-        if refusal is not None:
-            delivery.local.condition = condition_of(refusal)
+        rejection = getattr(link, "localbus_rejection", None)
+        if rejection is not None:
+            delivery.local.condition = condition_of(rejection)
             delivery.update(Disposition.REJECTED)
             delivery.settle()
-            self._refuse(link, refusal)
+            self._reject_link(link, rejection)
             return
         try:
             if kind == "entity":
@@ -455,7 +456,7 @@ class BrokerHandler(Handler):
                 link.connection.localbus_receivers.discard(event.receiver_id)
                 link.localbus_receiver_id = None
                 self.state.detach_receiver(event.receiver_id)
-                self._refuse(
+                self._reject_link(
                     link,
                     BrokerError(
                         SESSION_LOCK_LOST,

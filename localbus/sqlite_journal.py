@@ -1,6 +1,6 @@
 """SQLite journal for `--data-dir`: entities, messages, session state, schedules.
 
-Every change is written before the broker answers the client, in autocommit mode
+Every change is written before the broker replies to the client, in autocommit mode
 with a write-ahead log, so a restarted broker finds what a killed one had accepted.
 Locks are not stored: after a restart every message is available again, as it would
 be once its lock expired.

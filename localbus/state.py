@@ -215,8 +215,9 @@ class BrokerState(SessionLocking):
     ) -> AttachResult:
         """Register a receive link; lock the named or next available session.
 
-        `session_filter` is true when the link asked for a session. Then `session_id`
-        None means next available, and the result says whether the accept waits.
+        `session_filter` is true when the link requested a session. Then a
+        `session_id` of None means next available, and `AttachResult.waiting` is
+        true while no session can be granted.
         """
         store = self.store_for(path)
         if store.requires_session and not session_filter:
@@ -353,14 +354,14 @@ class BrokerState(SessionLocking):
     ) -> None:
         store.remove(message.sequence_number)
         self._journal.message_removed(store.name, message.sequence_number)
-        dead_letter = self.dead_letter_stores.get(store.name)
-        if dead_letter is None:
-            # A dead-letter queue has no dead-letter queue of its own: drop it.
-            return
+        # A dead-letter queue has no dead-letter queue, so a message dead-lettered
+        # there stays in it with the new reason.
+        dead_letter = self.dead_letter_stores.get(store.name, store)
         message.status = MessageStatus.AVAILABLE
         message.dead_letter_reason = reason
         message.dead_letter_description = description
-        message.dead_letter_source = store.name
+        if dead_letter is not store:
+            message.dead_letter_source = store.name
         message.expires_at_ms = None
         dead_letter.add(message)
         self._journal.message_stored(dead_letter.name, message)

@@ -34,7 +34,9 @@ class RawClient:
         deadline = time.monotonic() + timeout_s
         while not ready():
             if time.monotonic() > deadline:
-                raise TimeoutError("the broker did not answer in time")
+                raise TimeoutError(
+                    f"timed out after {timeout_s}s waiting for the broker"
+                )
             self.flush()
             self.socket.settimeout(0.05)
             try:
@@ -64,11 +66,22 @@ class RawClient:
         self.pump_until(lambda: link.credit > 0)
         return link
 
-    def receiver(self, address: str, session_id: str | None) -> Link:
-        """Attach a peek-lock receiving link, with a session filter, and give credit."""
+    def receiver(
+        self, address: str, session_id: str | None, session_filter: bool = True
+    ) -> Link:
+        """Attach a peek-lock receiving link and give it credit.
+
+        With `session_filter` the link requests the session `session_id`, or the
+        next available one when it is None.
+        """
         link = self.session.receiver(f"receiver-{uuid.uuid4()}")
         link.source.address = address
         link.rcv_settle_mode = Link.RCV_SECOND
+        if not session_filter:
+            link.open()
+            link.flow(10)
+            self.pump_until(lambda: bool(link.remote_source.address))
+            return link
         link.source.filter.put_map()
         link.source.filter.enter()
         link.source.filter.put_symbol(symbol("com.microsoft:session-filter"))

@@ -127,7 +127,7 @@ def test_iso_durations() -> None:
         parse_duration_s("P", "x")
 
 
-def test_cli_rejects_bad_config_with_property_name(
+def test_cli_names_bad_property(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     document = json.loads(json.dumps(EMULATOR_CONFIG))
@@ -137,7 +137,7 @@ def test_cli_rejects_bad_config_with_property_name(
     assert "Bogus" in capsys.readouterr().err
 
 
-def test_cli_process_prints_connection_string_and_exits_cleanly() -> None:
+def test_cli_process_exits_cleanly() -> None:
     with run_broker_process(entities=["cli.events"]) as broker:
         assert broker.port > 0
         with ServiceBusClient.from_connection_string(broker.connection_string) as sdk:

@@ -294,3 +294,23 @@ def test_unknown_lock_token_is_lock_lost(clock: Clock) -> None:
     with pytest.raises(BrokerError) as caught:
         state.settle("plain", uuid.uuid4(), Outcome.COMPLETE)
     assert caught.value.condition == MESSAGE_LOCK_LOST
+
+
+def test_dead_letter_inside_dead_letter_queue_keeps_message(clock: Clock) -> None:
+    state = make_state(clock)
+    state.send("plain", [message("a", session_id=None)])
+    state.attach_receiver(1, "plain")
+    delivery = state.receive(1)
+    assert delivery is not None
+    state.settle("plain", delivery.lock_token, Outcome.DEAD_LETTER, "First")  # type: ignore[arg-type]
+    state.attach_receiver(2, "plain/$DeadLetterQueue")
+    dead = state.receive(2)
+    assert dead is not None
+    assert dead.dead_letter_reason == "First"
+    state.settle(
+        "plain/$deadletterqueue", dead.lock_token, Outcome.DEAD_LETTER, "Second"
+    )  # type: ignore[arg-type]
+    again = state.receive(2)
+    assert again is not None
+    assert again.dead_letter_reason == "Second"
+    assert again.dead_letter_source == "plain"
