@@ -37,6 +37,14 @@ def results_markdown(document: dict[str, Any], command: str) -> str:
     lines += [f"| `{key}` | {document[key]:.2f} |" for key in report.SUMMARY_KEYS]
     for table in report.all_tables(document):
         lines += ["", table.as_markdown()]
+    problems = report.shutdown_problems(document)
+    if problems:
+        lines += [
+            "",
+            "Consumers that did not stop cleanly after their last message:",
+            "",
+        ]
+        lines += [f"- {problem}" for problem in problems]
     lines += [
         "",
         f"![throughput vs concurrency]({SCALING_PLOT})",

@@ -2,9 +2,9 @@
 
     python bench/profile_broker.py [--out FILE] [--consumer-dir DIR]
 
-Runs `python -m localbus` under pyinstrument on a free port of 127.0.0.1, drives it
-with the throughput run at 32 sessions and the single-event turnover run (quick sizes,
-ours and the baseline), then stops it with SIGTERM so pyinstrument writes its text
+Runs `python -m localbus` under pyinstrument on a free port of 127.0.0.1. The load is
+the throughput run at 32 sessions and the single-event turnover run, at quick sizes,
+ours and the baseline. SIGTERM then stops the broker, and pyinstrument writes its text
 report. pyinstrument samples wall-clock time, so time the broker spends waiting in
 `select` shows as well as the time it computes. With `--consumer-dir`, our consumer's
 own profiles of those runs go there.
@@ -27,11 +27,9 @@ if str(ROOT) not in sys.path:
 from bench.measures.broker import Workload, run_pair  # noqa: E402
 from bench.measures.common import QUICK, BenchContext, entity_names  # noqa: E402
 
-START_TIMEOUT_S = 30.0
-
 
 def start_profiled_broker(out: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start the broker under pyinstrument; return the process and connection string."""
+    """Start the profiled broker and return the process and its connection string."""
     command = [sys.executable, "-m", "pyinstrument", "-r", "text", "--no-color"]
     command += ["-o", str(out), "-m", "localbus", "--host", "127.0.0.1", "--port", "0"]
     for name in entity_names():
@@ -65,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     """Profile the broker and write the report to `--out`."""
     parser = argparse.ArgumentParser(prog="python bench/profile_broker.py")
     parser.add_argument("--out", type=Path, default=Path("broker-profile.txt"))
-    parser.add_argument("--consumer-dir", type=Path, help="where consumer profiles go")
+    parser.add_argument(
+        "--consumer-dir",
+        type=Path,
+        help="folder for our consumer's profiles of the same runs",
+    )
     args = parser.parse_args(argv)
     if args.consumer_dir is not None:
         args.consumer_dir.mkdir(parents=True, exist_ok=True)

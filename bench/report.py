@@ -237,6 +237,30 @@ def all_tables(figures: dict[str, Any]) -> list[Table]:
     ]
 
 
+def shutdown_problems(document: dict[str, Any]) -> list[str]:
+    """List the runs whose consumer failed to stop cleanly after its last message."""
+    problems: list[str] = []
+    for measure in ("throughput", "turnover", "scaling", "latency"):
+        for path, run in _runs(document[measure], measure):
+            if run.get("stop_timed_out"):
+                problems.append(f"{path}: did not stop within {run['stop_s']:.0f} s")
+            if "stop_error" in run:
+                problems.append(f"{path}: stopping raised {run['stop_error']}")
+    return problems
+
+
+def _runs(figures: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, Any]]]:
+    found: list[tuple[str, dict[str, Any]]] = []
+    for name, value in figures.items():
+        if not isinstance(value, dict):
+            continue
+        if "stop_s" in value:
+            found.append((f"{prefix}.{name}", value))
+        else:
+            found += _runs(value, f"{prefix}.{name}")
+    return found
+
+
 def machine() -> dict[str, Any]:
     """Describe this machine: CPU count and model, RAM, Python and platform."""
     model = "unknown"

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table.as_text())
     print()
+    for problem in report.shutdown_problems(document):
+        print(f"shutdown problem: {problem}")
     for key in report.SUMMARY_KEYS:
         print(f"{key} = {document[key]:.2f}")
     if args.json is not None:

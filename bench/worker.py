@@ -109,7 +109,8 @@ async def consume(spec: WorkerSpec, connection: str) -> dict[str, Any]:
     the start of consuming to the last completion, completions, the phase times, the
     latency percentiles, RSS samples, and how long the consumer took to stop. A
     consumer that does not stop within `STOP_TIMEOUT_S` is reported with
-    `stop_timed_out` and the process exits at once without waiting for it.
+    `stop_timed_out` and the process exits at once without waiting for it. An error
+    raised while stopping is reported as `stop_error`.
     """
     recorder = Recorder(spec.expected, spec.record_latency, frozenset(spec.rss_at))
     run = _run_ours if spec.kind == "ours" else _run_baseline
@@ -122,7 +123,10 @@ async def consume(spec: WorkerSpec, connection: str) -> dict[str, Any]:
     if not recorder.done.is_set():
         finished.cancel()
         runner.result()
-        raise RuntimeError(f"the {spec.kind} consumer stopped before completing all")
+        raise RuntimeError(
+            f"the {spec.kind} consumer stopped after {recorder.completed} of "
+            f"{spec.expected} messages without an error"
+        )
     cpu_s = time.process_time() - cpu_started
     elapsed_s = (recorder.finished_at or time.perf_counter()) - started
     stop_started = time.perf_counter()
@@ -143,7 +147,10 @@ async def consume(spec: WorkerSpec, connection: str) -> dict[str, Any]:
         # Waiting for a consumer stuck in shutdown would hang the benchmark.
         _emit(spec, result)
         os._exit(0)
-    runner.result()
+    error = runner.exception()
+    if error is not None:
+        # The figures are complete by now, so a failed shutdown is reported with them.
+        result["stop_error"] = f"{type(error).__name__}: {error}"
     return result
 
 

@@ -38,7 +38,7 @@ class Workload:
 async def run_pair(
     context: BenchContext, workload: Workload, profile: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Run ours and the baseline on `workload`, preloaded; return results by kind.
+    """Run ours, then the baseline, on a preloaded `workload` and return the results.
 
     With `profile`, our consumer runs under pyinstrument and writes its profile to
     `profile` inside the context's profile folder.
@@ -63,10 +63,11 @@ async def run_pair(
     return results
 
 
-def _summary(result: dict[str, Any], orders: int) -> dict[str, float]:
+def _summary(result: dict[str, Any], orders: int) -> dict[str, Any]:
     messages = result["messages"]
     elapsed_s = result["elapsed_s"]
     return {
+        **_shutdown(result),
         "messages": messages,
         "elapsed_s": elapsed_s,
         "messages_per_s": rate(messages, elapsed_s),
@@ -77,7 +78,7 @@ def _summary(result: dict[str, Any], orders: int) -> dict[str, float]:
 
 
 async def measure_throughput(context: BenchContext) -> dict[str, Any]:
-    """Messages per second and consumer CPU per 1,000 messages, no-op handler."""
+    """Measure messages/s and consumer CPU per 1,000 messages with a no-op handler."""
     sizes = context.sizes
     figures: dict[str, Any] = {}
     for concurrency in sizes.throughput_levels:
@@ -98,8 +99,19 @@ async def measure_throughput(context: BenchContext) -> dict[str, Any]:
     return figures
 
 
+def _shutdown(result: dict[str, Any]) -> dict[str, Any]:
+    """Return how the consumer stopped once its last message was completed."""
+    shutdown: dict[str, Any] = {
+        "stop_s": result["stop_s"],
+        "stop_timed_out": result["stop_timed_out"],
+    }
+    if "stop_error" in result:
+        shutdown["stop_error"] = result["stop_error"]
+    return shutdown
+
+
 def _breakdown(result: dict[str, Any]) -> dict[str, float]:
-    """Return seconds per session by phase; a phase may overlap others."""
+    """Return seconds per session by phase. Phases of different sessions overlap."""
     times = result["times"]
     sessions = max(1, int(times["sessions"]))
     per_session = {
@@ -113,7 +125,7 @@ def _breakdown(result: dict[str, Any]) -> dict[str, float]:
 
 
 async def measure_turnover(context: BenchContext) -> dict[str, Any]:
-    """Orders completed per second for single-event and three-event orders."""
+    """Measure orders completed per second for single-event and three-event orders."""
     sizes = context.sizes
     figures: dict[str, Any] = {}
     for events in sizes.turnover_events:
@@ -133,7 +145,7 @@ async def measure_turnover(context: BenchContext) -> dict[str, Any]:
 
 
 async def measure_scaling(context: BenchContext) -> dict[str, Any]:
-    """Messages per second with a 20 ms handler at each concurrency level."""
+    """Measure messages per second with a 20 ms handler at each concurrency level."""
     sizes = context.sizes
     figures: dict[str, Any] = {}
     for concurrency in sizes.scaling_levels:
@@ -157,7 +169,7 @@ async def measure_scaling(context: BenchContext) -> dict[str, Any]:
 
 
 async def measure_latency(context: BenchContext, max_rate: float) -> dict[str, Any]:
-    """Enqueue-to-completion p50 and p99 at half of `max_rate` messages per second."""
+    """Measure enqueue-to-completion p50 and p99 at half of `max_rate` messages/s."""
     target_rate = max(1.0, max_rate / 2)
     messages_count = max(
         LATENCY_EVENTS_PER_ORDER,
@@ -178,6 +190,7 @@ async def measure_latency(context: BenchContext, max_rate: float) -> dict[str, A
         )
         result = await run_child(context, spec, steady=messages, rate_per_s=target_rate)
         figures[kind] = {
+            **_shutdown(result),
             "messages": result["messages"],
             "published_rate": result["published_rate"],
             "p50_ms": result["latency_p50_ms"],

@@ -52,10 +52,10 @@ class Sizes:
 
 QUICK = Sizes(
     idle_timeout_s=1.0,
-    throughput_orders=16,
+    throughput_orders=12,
     throughput_events=50,
-    turnover_orders=80,
-    scaling_events=10,
+    turnover_orders=64,
+    scaling_events=8,
     scaling_min_orders=8,
     scaling_levels=(1, 8, 32, 64),
     latency_duration_s=8.0,
@@ -137,7 +137,7 @@ async def run_child(
     steady: Sequence[ServiceBusMessage] = (),
     rate_per_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Publish `preload`, run `spec` in a child process, and return its result.
+    """Publish `preload`, run `spec` in a child process and return its result.
 
     `steady` messages are published at `rate_per_s` while the child consumes. The
     result gains `broker_cpu_s`, the broker's CPU seconds while the child consumed.

@@ -18,7 +18,7 @@ CONCURRENCY = 32
 
 
 async def measure_memory(context: BenchContext) -> dict[str, Any]:
-    """RSS in MiB at each checkpoint and the growth between the first and last."""
+    """Measure RSS in MiB at each checkpoint and the growth between them."""
     sizes = context.sizes
     first, last = sizes.memory_checkpoints
     orders = sizes.memory_orders

@@ -118,7 +118,7 @@ def _logging_to_null() -> Iterator[None]:
 
 
 async def measure_overhead(orders: int, events: int) -> dict[str, Any]:
-    """Microseconds per message for ours and the bare loop, and their ratio."""
+    """Measure microseconds per message for ours and the bare loop, and their ratio."""
     bodies = _bodies(orders, events)
     with _logging_to_null():
         ours_s = min([await _run_ours(bodies) for _ in range(REPEATS)])
