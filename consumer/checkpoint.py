@@ -1,10 +1,10 @@
 """Per-session progress kept in the Service Bus session state.
 
-The state is a small JSON document: the sequence number of the last message whose
-handlers finished, a bounded list of recent message ids, and, when the order is parked
-after a dead-letter, the park record and the sequence numbers of the messages deferred
-since. It travels with the session, so whichever consumer accepts the session next
-continues from it.
+The state is a small JSON document. It records the sequence number of the last message
+whose handlers finished and a bounded list of recent message ids. When the order is
+parked after a dead-letter, it also records the park and the sequence numbers of the
+messages deferred since. The state travels with the session, so whichever consumer
+accepts the session next continues from it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class SessionCheckpoint:
     deferred_sequence_numbers: tuple[int, ...] = field(default=())
 
     def is_handled(self, message: InboundMessage) -> bool:
-        """Whether the handlers of `message` already finished.
+        """Return whether the handlers of `message` already finished.
 
         True for a redelivery of a handled message (its sequence number is at or below
         the checkpoint, after a lost lock or a crash between handling and completing)

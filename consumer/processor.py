@@ -1,16 +1,16 @@
-"""The session processor: accept loops and one worker per held session.
+"""The session processor: one worker per held session, fed by a session supply.
 
-Each of the `max_concurrent_sessions` slots loops: accept the next available session,
-work it, hand the receiver to a background close, accept again. Within a session the
-worker receives one message, handles and settles it, and only then receives the next,
-so one order never has two messages in flight. Accepting and closing never wait on
-other sessions, so a slot that finishes a session starts on the next one at once.
+Each of the `max_concurrent_sessions` workers loops: take a session the supply accepted
+ahead of time, work it, start closing it in the background, take the next. Within a
+session the worker receives one message, handles and settles it, and only then
+receives the next, so one order never has two messages in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,10 +22,12 @@ from consumer import settlement
 from consumer.checkpoint import CheckpointError, ParkRecord, SessionCheckpoint
 from consumer.config import Settings
 from consumer.errors import SessionLockLost, TransportError
-from consumer.logs import RateLimiter, log_exception_text, message_context
+from consumer.logs import log_exception_text, message_context
 from consumer.metrics import ConsumerMetrics, event_type_label
 from consumer.settlement import Outcome, Settlement
 from consumer.transport import InboundMessage, SessionReceiver, Transport
+from consumer.transport.renewal import renew_session_lock
+from consumer.transport.supply import SessionSupply
 
 log = structlog.get_logger("orders_consumer.processor")
 T = TypeVar("T")
@@ -34,15 +36,10 @@ T = TypeVar("T")
 # must watch the event it is given, which is set once the session lock is lost.
 Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 
-# A failed renewal is retried this often until the lock's own expiry passes.
-RENEW_RETRY_S = 1.0
-# Renew when this fraction of the remaining lock time is left.
-RENEW_AT_FRACTION = 0.5
-# Without a reported expiry, renew at this interval (Service Bus locks last >= 5 s).
-RENEW_DEFAULT_INTERVAL_S = 5.0
-# Accept failures back off from this to the cap, so a broker outage costs no CPU.
-RECONNECT_BACKOFF_S = 0.5
-RECONNECT_MAX_BACKOFF_S = 10.0
+# Sessions accepted ahead of the workers, on top of max_concurrent_sessions. An accept
+# took about 0.5 s against the local broker and a short order about 0.05 s, so eight
+# accepts in flight keep even a single worker busy (measured, 100 orders, 1 worker).
+STANDBY_SESSIONS = 8
 
 
 async def _unless_set(
@@ -85,7 +82,7 @@ class HeldSession:
         return self.receiver.session_id
 
     def lock_expired(self) -> bool:
-        """Whether the lock expiry reported by the broker has passed."""
+        """Return whether the lock expiry reported by the broker has passed."""
         locked_until = self.receiver.locked_until
         return locked_until is not None and locked_until <= datetime.now(UTC)
 
@@ -116,13 +113,19 @@ class SessionProcessor:
         self._closing: set[asyncio.Task[None]] = set()
         self._held = 0
         self._last_activity = time.monotonic()
-        self._last_connected = time.monotonic()
-        self._limiter = RateLimiter(interval_s=30.0)
         self._fatal: BaseException | None = None
+        self._supply = SessionSupply(
+            transport,
+            held=settings.max_concurrent_sessions,
+            standby=STANDBY_SESSIONS,
+            accept_timeout_s=settings.accept_timeout_s,
+            metrics=metrics,
+            health=health,
+        )
 
     @property
     def sessions_held(self) -> int:
-        """Number of sessions this processor holds now."""
+        """Number of sessions the workers have locked now."""
         return self._held
 
     def stop(self) -> None:
@@ -137,20 +140,38 @@ class SessionProcessor:
         when no connection could be made for `max_disconnected_s`.
         """
         self._set_health("set_accepting", True)
-        slots = [
-            asyncio.create_task(self._run_slot(), name=f"session-slot-{index}")
+        self._supply.start()
+        workers = [
+            asyncio.create_task(self._run_worker(), name=f"session-worker-{index}")
             for index in range(self._settings.max_concurrent_sessions)
         ]
         watcher = asyncio.create_task(self._watch(until_idle_s), name="idle-watcher")
         try:
-            await self._stopping.wait()
+            await self._wait_for_stop([watcher, *workers])
         finally:
             self._stopping.set()
             self._set_health("set_accepting", False)
             watcher.cancel()
-            await self._drain(slots)
+            await self._supply.stop()
+            await self._drain(workers)
         if self._fatal is not None:
             raise self._fatal
+
+    async def _wait_for_stop(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for `stop()`; a worker or watcher that ends before it is a bug.
+
+        Such a task is logged with its exception and stops the processor, so the
+        consumer never goes on with fewer workers without saying so.
+        """
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait([stopping, *tasks], return_when=FIRST_COMPLETED)
+        stopping.cancel()
+        for task in done - {stopping}:
+            if self._stopping.is_set() and task.exception() is None:
+                continue
+            error = task.exception() or RuntimeError(f"{task.get_name()} returned")
+            log.error("processor_task_failed", task=task.get_name(), exc_info=error)
+            self._fatal = error
 
     async def _drain(self, slots: list[asyncio.Task[None]]) -> None:
         grace_s = self._settings.shutdown_grace_s
@@ -170,12 +191,15 @@ class SessionProcessor:
             await asyncio.sleep(interval_s)
             self._set_health("beat")
             now = time.monotonic()
-            if self._held:
+            if self._held or self._supply.has_waiting():
                 self._last_activity = now
-            elif until_idle_s is not None and now - self._last_activity >= until_idle_s:
+            empty_since = self._supply.empty_since
+            idle = empty_since is not None and until_idle_s is not None
+            if idle and now - max(empty_since, self._last_activity) >= until_idle_s:
                 log.info("processor_idle", entity=self._entity, idle_s=until_idle_s)
                 self.stop()
-            if now - self._last_connected > self._settings.max_disconnected_s:
+            disconnected_s = now - self._supply.last_connected_at
+            if disconnected_s > self._settings.max_disconnected_s:
                 self._fatal = BrokerUnavailable(
                     f"no connection to {self._entity} for more than "
                     f"max_disconnected_s={self._settings.max_disconnected_s}"
@@ -186,59 +210,30 @@ class SessionProcessor:
         if self._health is not None:
             getattr(self._health, method)(*args)
 
-    async def _run_slot(self) -> None:
-        backoff_s = RECONNECT_BACKOFF_S
+    async def _run_worker(self) -> None:
         while not self._stopping.is_set():
-            try:
-                receiver = await self._accept()
-            except Exception as error:  # noqa: BLE001 - keep the slot alive
-                self._on_connection_error(error)
-                await self._sleep_unless_stopping(backoff_s)
-                backoff_s = min(backoff_s * 2, RECONNECT_MAX_BACKOFF_S)
-                continue
-            backoff_s = RECONNECT_BACKOFF_S
-            self._on_connected()
+            done, receiver = await _unless_set(self._supply.take(), self._stopping)
             if receiver is None:
-                continue
+                return
             await self._hold(receiver)
-
-    async def _accept(self) -> SessionReceiver | None:
-        accept = self._transport.accept_session(self._settings.accept_timeout_s)
-        done, receiver = await _unless_set(accept, self._stopping)
-        if receiver is not None and self._stopping.is_set():
-            self._close_in_background(receiver)
-            return None
-        return receiver if done else None
-
-    def _on_connected(self) -> None:
-        self._last_connected = time.monotonic()
-        self._set_health("set_connected", True)
-        self._metrics.connection_up.labels(self._entity).set(1)
-
-    def _on_connection_error(self, error: Exception) -> None:
-        self._set_health("set_connected", False)
-        self._metrics.connection_up.labels(self._entity).set(0)
-        if self._limiter.allow("accept_failed"):
-            log.warning(
-                "connection_lost",
-                entity=self._entity,
-                error=log_exception_text(error),
-                suppressed=self._limiter.pop_suppressed("accept_failed"),
-            )
-
-    async def _sleep_unless_stopping(self, delay_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-        except TimeoutError:
-            pass
 
     async def _hold(self, receiver: SessionReceiver) -> None:
         held = HeldSession(receiver)
         self._held += 1
-        self._metrics.sessions_accepted.labels(self._entity).inc()
         self._metrics.sessions_held.labels(self._entity).inc()
         log.debug("session_accepted", order_id=held.session_id)
-        renewer = asyncio.create_task(self._renew_lock(held))
+        renewer = asyncio.create_task(
+            renew_session_lock(
+                held.receiver,
+                max_lock_renewal_s=self._settings.max_lock_renewal_s,
+                busy_since=lambda: held.message_started_at,
+                on_renewed=self._metrics.lock_renewals.labels(
+                    self._entity, "session"
+                ).inc,
+                on_failed=lambda error: self._on_renewal_failed(held, error),
+                lock_lost=held.lock_lost,
+            )
+        )
         try:
             await self._work(held)
         except SessionLockLost as error:
@@ -257,6 +252,18 @@ class SessionProcessor:
             self._last_activity = time.monotonic()
             self._metrics.sessions_held.labels(self._entity).dec()
             self._close_in_background(receiver)
+            self._supply.release()
+
+    def _on_renewal_failed(self, held: HeldSession, error: Exception) -> None:
+        self._metrics.lock_renewal_failures.labels(self._entity, "session").inc()
+        if isinstance(error, SessionLockLost) or held.lock_expired():
+            self._on_lock_lost(held, error)
+        else:
+            log.warning(
+                "lock_renewal_failed",
+                order_id=held.session_id,
+                error=log_exception_text(error),
+            )
 
     def _on_lock_lost(self, held: HeldSession, error: BaseException) -> None:
         if held.lock_lost.is_set():
@@ -291,12 +298,32 @@ class SessionProcessor:
         if not await self._resume_deferred(held):
             return
         idle_s = self._settings.session_idle_timeout_s
+        last_sequence_number: int | None = None
         while not self._stopping.is_set() and not held.lock_lost.is_set():
+            if last_sequence_number is not None and await self._should_yield(
+                held, last_sequence_number
+            ):
+                return
             message = await self._receive_unless_stopping(held, idle_s)
             if message is None:
                 return
             if not await self._handle(held, message):
                 return
+            last_sequence_number = message.sequence_number
+
+    async def _should_yield(self, held: HeldSession, sequence_number: int) -> bool:
+        """Return whether to release a session with nothing queued while others wait.
+
+        The idle timeout keeps a session for messages still to come. When another
+        session is accepted and waiting, holding an empty one only delays it, so the
+        worker releases the session at once; a later message makes it available again.
+        """
+        if not self._supply.has_waiting():
+            return False
+        if await held.receiver.has_messages_after(sequence_number):
+            return False
+        log.debug("session_yielded", order_id=held.session_id)
+        return True
 
     async def _receive_unless_stopping(
         self, held: HeldSession, idle_s: float
@@ -398,8 +425,8 @@ class SessionProcessor:
                 return settlement.duplicate()
         if checkpoint.parked is not None:
             if message.sequence_number == checkpoint.parked.sequence_number:
-                # The state says parked but the dead-letter never happened (the
-                # process died in between): dead-letter it now, as recorded.
+                # The state records the park but the dead-letter never happened
+                # because the process died in between, so dead-letter it now.
                 return settlement.dead_lettered(
                     checkpoint.parked.reason, checkpoint.parked.description
                 )
@@ -460,45 +487,3 @@ class SessionProcessor:
             await asyncio.shield(held.receiver.abandon(message))
         except TransportError as error:
             log.warning("abandon_failed", error=log_exception_text(error))
-
-    async def _renew_lock(self, held: HeldSession) -> None:
-        """Renew the session lock until cancelled or lost.
-
-        While a message is being handled, renewal stops `max_lock_renewal_s` after the
-        message started, so a stuck handler cannot hold an order forever.
-        """
-        limit_s = self._settings.max_lock_renewal_s
-        if limit_s <= 0:
-            return
-        while not held.lock_lost.is_set():
-            await asyncio.sleep(self._renew_delay_s(held))
-            started = held.message_started_at
-            if started is not None and time.monotonic() - started > limit_s:
-                log.warning("lock_renewal_limit_reached", limit_s=limit_s)
-                return
-            await self._renew_once(held)
-
-    def _renew_delay_s(self, held: HeldSession) -> float:
-        locked_until = held.receiver.locked_until
-        if locked_until is None:
-            return RENEW_DEFAULT_INTERVAL_S
-        remaining_s = (locked_until - datetime.now(UTC)).total_seconds()
-        return max(remaining_s * RENEW_AT_FRACTION, 0.05)
-
-    async def _renew_once(self, held: HeldSession) -> None:
-        kind = ("session",)
-        try:
-            await held.receiver.renew_lock()
-        except SessionLockLost as error:
-            self._metrics.lock_renewal_failures.labels(self._entity, *kind).inc()
-            self._on_lock_lost(held, error)
-            return
-        except TransportError as error:
-            self._metrics.lock_renewal_failures.labels(self._entity, *kind).inc()
-            if held.lock_expired():
-                self._on_lock_lost(held, error)
-                return
-            log.warning("lock_renewal_failed", error=log_exception_text(error))
-            await asyncio.sleep(RENEW_RETRY_S)
-            return
-        self._metrics.lock_renewals.labels(self._entity, *kind).inc()

@@ -51,6 +51,10 @@ class SessionReceiver(Protocol):
         """Return the next message of the session, or None after `max_wait_s` idle."""
         ...
 
+    async def has_messages_after(self, sequence_number: int) -> bool:
+        """Whether the session has a message (active or deferred) after this one."""
+        ...
+
     async def receive_deferred(
         self, sequence_numbers: list[int]
     ) -> list[InboundMessage]:

@@ -17,7 +17,6 @@ from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.amqp import AmqpMessageBodyType
 from azure.servicebus.exceptions import (
-    MessageAlreadySettled,
     MessageLockLostError,
     OperationTimeoutError,
     ServiceBusError,
@@ -31,6 +30,11 @@ from consumer.redact import redact
 from consumer.transport import InboundMessage
 
 T = TypeVar("T")
+
+# Closing a receiver took about 0.5 s against the local broker; a close that takes far
+# longer is given up so that a drain cannot hang on it.
+CLOSE_TIMEOUT_S = 10.0
+CLIENT_CLOSE_ATTEMPTS = 3
 
 
 def _message_body(message: ServiceBusReceivedMessage) -> bytes | None:
@@ -61,7 +65,17 @@ async def _translated_errors(action: str, session_id: str) -> AsyncIterator[None
         raise SessionLockLost(
             f"{action} failed on session {session_id}: lock lost ({redact(str(error))})"
         ) from error
-    except (ServiceBusError, MessageAlreadySettled) as error:
+    except ValueError as error:
+        # The SDK raises ValueError for an operation on a receiver it shut down after
+        # a link or connection error. Its link is detached, so the session lock is gone.
+        if "shutdown" in str(error):
+            raise SessionLockLost(
+                f"{action} failed on session {session_id}: receiver shut down"
+            ) from error
+        raise TransportError(
+            f"{action} failed on session {session_id}: {redact(str(error))}"
+        ) from error
+    except ServiceBusError as error:
         raise TransportError(
             f"{action} failed on session {session_id}: {redact(str(error))}"
         ) from error
@@ -99,6 +113,16 @@ class AzureSessionReceiver:
         if not messages:
             return None
         return _to_inbound(messages[0], self._session_id)
+
+    async def has_messages_after(self, sequence_number: int) -> bool:
+        """Whether the session has a message (active or deferred) after this one."""
+        peeked = await self._call(
+            "peek",
+            self._receiver.peek_messages(
+                max_message_count=1, sequence_number=sequence_number + 1
+            ),
+        )
+        return bool(peeked)
 
     async def receive_deferred(
         self, sequence_numbers: list[int]
@@ -151,8 +175,19 @@ class AzureSessionReceiver:
         return await self._call("renew_lock", self._receiver.session.renew_lock())
 
     async def close(self) -> None:
-        """Release the session; unsettled messages return to the broker in order."""
-        await self._call("close", self._receiver.close())
+        """Release the session; unsettled messages return to the broker in order.
+
+        Raises `TransportError` when the SDK does not finish closing within
+        `CLOSE_TIMEOUT_S`; the link is then abandoned to the SDK's own cleanup.
+        """
+        try:
+            await asyncio.wait_for(
+                self._call("close", self._receiver.close()), CLOSE_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise TransportError(
+                f"closing session {self._session_id} timed out after {CLOSE_TIMEOUT_S}s"
+            ) from None
 
 
 class AzureTransport:
@@ -162,6 +197,7 @@ class AzureTransport:
         self._settings = settings
         self._credential: Any = None
         self._client = self._create_client(settings)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _create_client(self, settings: Settings) -> ServiceBusClient:
         if settings.connection_string is not None:
@@ -210,21 +246,44 @@ class AzureTransport:
         try:
             await receiver.__aenter__()
         except (OperationTimeoutError, SessionCannotBeLockedError):
-            await asyncio.shield(receiver.close())
+            self._close_in_background(receiver)
             return None
-        except ServiceBusError as error:
-            await asyncio.shield(receiver.close())
+        except (ServiceBusError, ValueError) as error:
+            self._close_in_background(receiver)
             raise TransportError(
                 f"accepting a session on {self.entity} failed: {redact(str(error))}"
             ) from error
         except asyncio.CancelledError:
             # Cancelled mid-accept: the link may already hold a session lock.
-            await asyncio.shield(receiver.close())
+            self._close_in_background(receiver)
             raise
+        if not isinstance(receiver.session.session_id, str):
+            # Service Bus answers a next-available attach that timed out with an
+            # attach carrying no session, then a detach. The SDK can report the link
+            # open in between, so a receiver without a session id granted nothing.
+            self._close_in_background(receiver)
+            return None
         return AzureSessionReceiver(receiver)
+
+    def _close_in_background(self, receiver: ServiceBusReceiver) -> None:
+        task = asyncio.ensure_future(
+            asyncio.wait_for(receiver.close(), CLOSE_TIMEOUT_S)
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         """Close the client and, when one was created, the Azure AD credential."""
-        await self._client.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT_S)
+        for _ in range(CLIENT_CLOSE_ATTEMPTS):
+            try:
+                await self._client.close()
+                break
+            except RuntimeError:
+                # The SDK iterates a WeakSet of its receivers while closing them, and
+                # a receiver collected meanwhile changes the set. Closing again
+                # closes the rest.
+                await asyncio.sleep(0)
         if self._credential is not None:
             await self._credential.close()

@@ -153,6 +153,12 @@ class MemorySessionReceiver:
             return None
         return self._inbound(session.pending.pop(0))
 
+    async def has_messages_after(self, sequence_number: int) -> bool:
+        """Whether the session has a pending or deferred message after this one."""
+        session = self._session
+        later = [m for m in session.pending if m.sequence_number > sequence_number]
+        return bool(later) or any(n > sequence_number for n in session.deferred)
+
     async def receive_deferred(
         self, sequence_numbers: list[int]
     ) -> list[InboundMessage]:

@@ -1,0 +1,198 @@
+"""Shared test helpers: a local broker per test, a publisher and a handler recorder.
+
+Integration tests run the real `ConsumerApp` and Azure SDK against the local broker on
+127.0.0.1, with short idle and accept timeouts so that a run ends soon after its last
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from azure.servicebus import ServiceBusMessage, ServiceBusSubQueue
+from azure.servicebus.aio import ServiceBusClient
+
+from consumer.app import ConsumerApp
+from consumer.config import Settings
+from consumer.events import EVENT_TYPES
+from consumer.routing import EventContext
+
+QUEUE = "orders.test.events"
+LOCK_DURATION_S = 5.0
+MAX_DELIVERY_COUNT = 5
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish: a raw body and the properties a producer sets."""
+
+    body: bytes
+    session_id: str
+    message_id: str
+    subject: str | None = None
+
+
+def outgoing_event(event: dict[str, Any], message_id: str) -> Outgoing:
+    """Return the message a producer sends for `event`: session id = payload.orderId."""
+    return Outgoing(
+        body=json.dumps(event).encode("utf-8"),
+        session_id=event["payload"]["orderId"],
+        message_id=message_id,
+        subject=event["eventType"],
+    )
+
+
+def numbered(events: list[dict[str, Any]]) -> list[Outgoing]:
+    """Return the messages of `events`, message id `m<position in the stream>`."""
+    return [outgoing_event(event, f"m{index}") for index, event in enumerate(events)]
+
+
+async def publish(connection_string: str, messages: list[Outgoing]) -> None:
+    """Send `messages` to `QUEUE` in batches, in list order."""
+    async with ServiceBusClient.from_connection_string(connection_string) as client:
+        async with client.get_queue_sender(QUEUE) as sender:
+            batch = await sender.create_message_batch()
+            for item in messages:
+                message = ServiceBusMessage(
+                    item.body,
+                    session_id=item.session_id,
+                    message_id=item.message_id,
+                    subject=item.subject,
+                    content_type="application/json",
+                )
+                try:
+                    batch.add_message(message)
+                except ValueError:
+                    await sender.send_messages(batch)
+                    batch = await sender.create_message_batch()
+                    batch.add_message(message)
+            if len(batch):
+                await sender.send_messages(batch)
+
+
+async def dead_letters(connection_string: str) -> list[dict[str, Any]]:
+    """Receive and complete every message in the queue's dead-letter queue."""
+    found: list[dict[str, Any]] = []
+    async with ServiceBusClient.from_connection_string(connection_string) as client:
+        receiver = client.get_queue_receiver(
+            QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=1.0
+        )
+        async with receiver:
+            while batch := await receiver.receive_messages(20, max_wait_time=1.0):
+                for message in batch:
+                    found.append(
+                        {
+                            "message_id": message.message_id,
+                            "session_id": message.session_id,
+                            "reason": message.dead_letter_reason,
+                            "description": message.dead_letter_error_description,
+                        }
+                    )
+                    await receiver.complete_message(message)
+    return found
+
+
+@dataclass
+class Recorder:
+    """Records every handler call and checks that no order runs two at once."""
+
+    delay_s: float = 0.0
+    handled: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    calls: int = 0
+    in_flight: set[str] = field(default_factory=set)
+    max_in_flight: int = 0
+    overlaps: list[str] = field(default_factory=list)
+    first_started_at: float | None = None
+    last_finished_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds from the first handler call's start to the last one's end."""
+        if self.first_started_at is None:
+            return 0.0
+        return self.last_finished_at - self.first_started_at
+
+    async def __call__(self, event: Any, ctx: EventContext) -> None:
+        self._enter(ctx)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self._leave(ctx)
+
+    def _enter(self, ctx: EventContext) -> None:
+        with self.lock:
+            if self.first_started_at is None:
+                self.first_started_at = time.monotonic()
+            if ctx.order_id in self.in_flight:
+                self.overlaps.append(ctx.order_id)
+            self.in_flight.add(ctx.order_id)
+            self.max_in_flight = max(self.max_in_flight, len(self.in_flight))
+
+    def _leave(self, ctx: EventContext) -> None:
+        with self.lock:
+            self.in_flight.discard(ctx.order_id)
+            self.handled[ctx.order_id].append(ctx.message_id)
+            self.calls += 1
+            self.last_finished_at = time.monotonic()
+
+    def install(self, app: ConsumerApp) -> None:
+        """Register the recorder for every known event type."""
+        for event_type in EVENT_TYPES:
+            app.router.add_handler(event_type, self)
+
+
+def expected_order(messages: list[Outgoing]) -> dict[str, list[str]]:
+    """Return each order's message ids in publish order."""
+    expected: dict[str, list[str]] = defaultdict(list)
+    for message in messages:
+        expected[message.session_id].append(message.message_id)
+    return dict(expected)
+
+
+@pytest.fixture
+def broker() -> Iterator[Any]:
+    """A local broker on a free 127.0.0.1 port with one session queue, `QUEUE`."""
+    from localbus.testing import run_broker
+
+    with run_broker(
+        entities=[QUEUE],
+        lock_duration_s=LOCK_DURATION_S,
+        max_delivery_count=MAX_DELIVERY_COUNT,
+    ) as running:
+        yield running
+
+
+def settings_for(connection_string: str, **overrides: Any) -> Settings:
+    """Return settings for a fast test run against the local broker."""
+    values: dict[str, Any] = {
+        "env": "dev",
+        "connection_string": connection_string,
+        "entity": QUEUE,
+        "max_concurrent_sessions": 8,
+        "session_idle_timeout_s": 0.3,
+        "accept_timeout_s": 0.5,
+        "max_delivery_count": MAX_DELIVERY_COUNT,
+        "retry_attempts": 2,
+        "retry_backoff_s": 0.01,
+        "retry_max_backoff_s": 0.05,
+        "handler_timeout_s": 10.0,
+        "shutdown_grace_s": 5.0,
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def consume(app: ConsumerApp, until_idle_s: float = 1.0) -> None:
+    """Run `app` in batch mode, failing the test if it does not end in 60 s."""
+    await asyncio.wait_for(app.run(until_idle_s=until_idle_s), timeout=60)
