@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
@@ -184,14 +185,19 @@ def _serve(state: BrokerState, options: BrokerOptions) -> int:
         log.info("broker_signal_received signal=%s", signal.Signals(signum).name)
         injector.trigger(ApplicationEvent(STOP_EVENT))
 
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
     try:
         container.run()
-    except OSError as error:
+    finally:
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+    if handler.listen_error is not None:
         print(
-            f"error: cannot listen on {options.host}:{options.port}: {error}",
+            f"error: cannot listen on {options.host}:{options.port}: "
+            f"{handler.listen_error}; choose another --port",
             file=sys.stderr,
         )
         return 1

@@ -90,12 +90,26 @@ class BrokerHandler(Handler):
         self._timer_at: float | None = None
         self.acceptor: Any = None
         self.injector: Any = None
+        self.listen_error: OSError | None = None
 
     # Container and connection life cycle ----------------------------------------
 
     def on_reactor_init(self, event: Event) -> None:
         self._container = event.container
-        self.acceptor = event.container.acceptor(self._host, self._port)
+        try:
+            self.acceptor = event.container.acceptor(self._host, self._port)
+        except OSError as error:
+            log.error(
+                "broker_listen_failed host=%s port=%s error=%s",
+                self._host,
+                self._port,
+                error,
+            )
+            self.listen_error = error
+            if self.injector is not None:
+                self.injector.close()
+            event.container.stop()
+            return
         port = self.acceptor._selectable.getsockname()[1]
         log.info("broker_listening host=%s port=%s", self._host, port)
         if self._on_listening is not None:

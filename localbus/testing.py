@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +163,17 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
     handler.injector = injector
     thread = threading.Thread(target=container.run, name="localbus", daemon=True)
     thread.start()
-    if not listening.wait(START_TIMEOUT_S):
-        raise RuntimeError(f"the local broker did not start within {START_TIMEOUT_S}s")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not listening.wait(0.05):
+        if handler.listen_error is not None:
+            raise RuntimeError(
+                f"the local broker cannot listen on {options.host}:{options.port}: "
+                f"{handler.listen_error}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the local broker did not start within {START_TIMEOUT_S}s"
+            )
     return RunningBroker(options.host, ports[0], state, container, injector, thread)
 
 

@@ -169,3 +169,13 @@ def test_sas_token_checks() -> None:
         verify_sas_token(token, SharedAccessKey(key.name, "other"), now_s=1)
     with pytest.raises(ValueError, match="expired"):
         verify_sas_token(token, key, now_s=5_000_000_000)
+
+
+def test_port_in_use_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    with run_broker() as broker:
+        status = main(["--port", str(broker.port)])
+        assert status == 1
+        assert "cannot listen" in capsys.readouterr().err
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            with run_broker(port=broker.port):
+                pass
