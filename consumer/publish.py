@@ -44,9 +44,9 @@ from consumer.redact import redact
 
 CONTENT_TYPE = "application/json"
 
-# Errors worth another attempt. azure-servicebus 7.15.0 marks these retryable only in
-# the private `_retryable` attribute, so the classes are listed instead. Authentication
-# errors are also marked retryable there but are left out: a retry does not fix a key.
+# Errors worth another attempt. azure-servicebus 7.15.0 marks errors retryable only in
+# the private `_retryable` attribute, so the classes are listed instead. It also marks
+# authentication errors retryable, which are left out because a retry cannot fix a key.
 TRANSIENT_ERRORS: tuple[type[ServiceBusError], ...] = (
     ServiceBusConnectionError,
     ServiceBusCommunicationError,
@@ -54,8 +54,9 @@ TRANSIENT_ERRORS: tuple[type[ServiceBusError], ...] = (
     ServiceBusServerBusyError,
 )
 
-# The SDK's own retries are turned off on the clients opened here, so SendRetryPolicy
-# is the only retry layer and a failing send costs `attempts` tries, not a product.
+# The SDK's own retries are turned off on the clients opened here. SendRetryPolicy is
+# then the only retry layer, so a failing send costs `attempts` tries, not that many
+# times the SDK's retries.
 _SDK_CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 0}
 
 _log = structlog.get_logger("orders_consumer.publish")
@@ -88,7 +89,7 @@ class PublishResult:
 
 
 def message_id_for(event: Mapping[str, Any] | Event[Any]) -> str:
-    """Return a message id derived from the event's content (32 hex characters).
+    """Return a message id derived from the event's content.
 
     The id is the first 32 hex digits of the SHA-256 of the event as JSON with sorted
     keys. A resent event keeps its id, so an entity with duplicate detection drops it.
@@ -123,7 +124,9 @@ def build_message(
     elif isinstance(event, Mapping):
         data = event
     else:
-        raise InvalidEventError(f"an event must be a JSON object, got {type(event)}")
+        raise InvalidEventError(
+            f"an event must be a JSON object, got {type(event).__name__}"
+        )
     payload = data.get("payload")
     if not isinstance(payload, Mapping):
         raise InvalidEventError("payload is missing or not a JSON object")
