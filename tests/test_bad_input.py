@@ -267,8 +267,9 @@ def huge_number(draw: st.DrawFn) -> BadBody:
     marker = "__number__"
     text = encode(replaced(event, path, marker))
     body = text.replace(f'"{marker}"'.encode(), draw(number_token()))
-    # Past 4,300 digits json refuses the integer (MalformedBody); a shorter one
-    # reaches the schema, which rejects it as no finite float or as a wrong total.
+    # Python's json rejects an integer of more than 4,300 digits (MalformedBody). A
+    # shorter one reaches the schema, which rejects it as not a finite float or as
+    # a wrong total.
     return BadBody("huge number", body, (MALFORMED, SCHEMA))
 
 
@@ -428,7 +429,7 @@ def test_bad_body_rejected_with_reason(kind: str) -> None:
     check()
 
 
-# The oversized bodies are built against the small limit; every other kind runs
+# The oversized bodies are built against the small limit. Every other kind runs
 # with the default limit, so no body is rejected for its size by accident.
 SMALL_MAX_BYTES_FOR = {
     kind: SMALL_MAX_BYTES if kind == "oversized" else DEFAULT_MAX_BODY_BYTES

@@ -36,7 +36,7 @@ from localbus.testing import run_broker, run_broker_process
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 ENTITY = "orders.security.events"
-# A key no component knows: if it shows up in output, something printed the secret.
+# A key no component uses, so if it shows up in output, a secret was printed.
 FAKE_KEY = "c2VjdXJpdHktdGVzdC1rZXktN2Y0ZTlhMWI1YzJk+/Q="
 FAKE_KEY_NAME = "SecurityTestKeyName"
 # A SAS token signature that was not masked to `sig=***`.
@@ -113,7 +113,7 @@ def _fetch(url: str) -> str:
         with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode("utf-8"))
     except urllib.error.HTTPError as error:
-        # /readyz answers 503 while not connected; its body still counts.
+        # /readyz returns 503 while not connected, and its body is checked too.
         return str(error.read().decode("utf-8"))
 
 

@@ -59,7 +59,7 @@ async def read_dead_letters(
 async def read_sessions(
     connection_string: str, entity: str, order_ids: Sequence[str]
 ) -> list[FinalSession]:
-    """Return what the broker still holds of each order: messages and park state."""
+    """Return the messages and the park state the broker keeps for each order."""
     limit = asyncio.Semaphore(PARALLEL_SESSIONS)
     async with ServiceBusClient.from_connection_string(connection_string) as client:
 

@@ -21,12 +21,16 @@ from typing import Any
 from consumer.config import load_settings, local_connection_string
 from consumer.errors import TransportError
 from consumer.publish import SendRetryPolicy, build_message, publish_messages
-from localbus.testing import BrokerProcess, build_options
 from tests.chaos.broker_state import read_dead_letters, read_sessions
 from tests.chaos.journal import read_journal
 from tests.chaos.oracle import InjectedFault, Verdict, judge
 from tests.chaos.plan import ChaosPlan, FaultKind, PlannedFault, plan_run
-from tests.chaos.processes import ConsumerPool, ConsumerProcess, write_consumer_config
+from tests.chaos.processes import (
+    BrokerLauncher,
+    ConsumerPool,
+    ConsumerProcess,
+    write_consumer_config,
+)
 from tests.chaos.proxy import ConnectionCutter
 
 ENTITY = "orders.chaos.events"
@@ -102,23 +106,29 @@ class ChaosRun:
         self.unsent: set[str] = set()
         self.started_at = time.time()
         self.restarting: set[int] = set()
-        self.broker: BrokerProcess | None = None
+        self.broker: BrokerLauncher | None = None
         self.proxy: ConnectionCutter | None = None
         self.pool: ConsumerPool | None = None
 
     # Set-up --------------------------------------------------------------------------
 
-    def start_broker(self) -> BrokerProcess:
+    def start_broker(self) -> BrokerLauncher:
         data_dir = self.options.work_dir / "broker" if self.durable else None
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)
-        options = build_options(
-            entities=[ENTITY],
-            lock_duration_s=self.options.lock_duration_s,
-            max_delivery_count=MAX_DELIVERY_COUNT,
-            data_dir=data_dir,
-        )
-        broker = BrokerProcess(options)
+        arguments = [
+            "--entity",
+            ENTITY,
+            "--lock-duration-s",
+            str(self.options.lock_duration_s),
+            "--max-delivery-count",
+            str(MAX_DELIVERY_COUNT),
+        ]
+        if data_dir is not None:
+            arguments += ["--data-dir", str(data_dir)]
+        log_dir = self.options.work_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        broker = BrokerLauncher(arguments, log_dir)
         broker.start()
         self.broker = broker
         return broker
@@ -166,10 +176,16 @@ class ChaosRun:
 
     # Faults --------------------------------------------------------------------------
 
-    def record(self, kind: str, detail: str) -> None:
-        fault = InjectedFault(at=time.time(), kind=kind, detail=detail)
+    def record(self, kind: str, detail: str, began_at: float | None = None) -> None:
+        """Record a fault that began at `began_at` (default now) and is over now."""
+        now = time.time()
+        at = now if began_at is None else began_at
+        fault = InjectedFault(at=at, kind=kind, detail=detail, until=now)
         self.faults.append(fault)
-        self.log(f"{fault.at - self.started_at:7.1f}s {kind}: {detail}")
+        self.log(
+            f"{at - self.started_at:7.1f}s {kind}: {detail} "
+            f"(at {at:.3f}, {now - at:.1f}s long)"
+        )
 
     async def inject(self, fault: PlannedFault) -> None:
         assert self.pool is not None and self.proxy is not None
@@ -193,9 +209,10 @@ class ChaosRun:
             slot.kill()
             self.record(fault.kind, f"slot {slot.slot} pid {pid}")
         else:
-            # The fault counts from the signal: the drain and settlement follow it.
-            self.record(fault.kind, f"slot {slot.slot} pid {pid}")
+            # The fault lasts from the signal until the process is gone.
+            began_at = time.time()
             code = await asyncio.to_thread(slot.terminate)
+            self.record(fault.kind, f"slot {slot.slot} pid {pid}", began_at)
             if code != 0:
                 self.notes.append(f"pid {pid} exited with {code} after SIGTERM")
         await asyncio.sleep(fault.restart_after_s)
@@ -205,12 +222,14 @@ class ChaosRun:
     async def restart_broker(self, hard: bool) -> None:
         broker = self.broker
         assert broker is not None
-        self.record("restart_broker", "SIGKILL" if hard else "SIGTERM")
+        # The fault lasts from the signal until the new broker listens.
+        began_at = time.time()
         if hard:
             await asyncio.to_thread(broker.kill)
         else:
             await asyncio.to_thread(broker.terminate)
         await asyncio.to_thread(broker.start)
+        self.record("restart_broker", "SIGKILL" if hard else "SIGTERM", began_at)
 
     async def run_faults(self) -> None:
         for fault in self.plan.faults:

@@ -3,18 +3,18 @@ final state must show, whatever faults happened.
 
 Rules, per published message id:
 
-- it is handled (in the journal), dead-lettered with a reason, or deferred in a parked
-  order; anything else is lost (gone from the broker) or stuck (still active);
-- within an order, a message is first handled only after every earlier message of the
-  order was first handled, so the first handlings follow publish order and nothing
-  runs past a message that was dead-lettered (orders are parked, never continued);
-- a second handling of the same message (same sequence number) needs a fault between
-  the start of the first handling and the second one, of a kind that can fall between
-  handler and settlement: a killed or stopped consumer, a cut connection or a broker
-  restart;
-- a second copy (new sequence number) needs a publish retry of that message;
-- no message stays active in the queue, and no deferred message sits in an order that
-  is not parked, where nothing would fetch it again.
+1. It is handled (in the journal), dead-lettered with a reason, or deferred in a parked
+   order. Anything else is lost (gone from the broker) or stuck (still active).
+2. Within an order, a message is first handled only after every earlier message of the
+   order was first handled. So the first handlings follow publish order, and nothing
+   runs past a dead-lettered message, because the orders are parked.
+3. A second handling of the same message (same sequence number) needs a fault that was
+   going on between the start of the first handling and the second one, of a kind that
+   can fall between handler and settlement: a killed or stopped consumer, a cut
+   connection or a broker restart.
+4. A second copy (new sequence number) needs a publish retry of that message.
+5. No message stays active in the queue, and no deferred message stays in an order
+   that is not parked, where nothing would fetch it again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from tests.chaos.journal import JournalEntry
 from tests.chaos.plan import PublishedMessage
 
+# A message is received a little before its handlers start, so a fault this close
+# before the start can still hit the delivery.
+RECEIVE_MARGIN_S = 0.5
 # Faults that can fall between a handler and its settlement.
 DISRUPTING_KINDS = frozenset(
     {
@@ -51,7 +54,7 @@ class DeadLetterRecord:
 
 @dataclass(frozen=True)
 class FinalSession:
-    """What the broker still holds of one order after the run."""
+    """What the broker still contains of one order after the run."""
 
     order_id: str
     remaining: tuple[tuple[int, str], ...]
@@ -61,11 +64,21 @@ class FinalSession:
 
 @dataclass(frozen=True)
 class InjectedFault:
-    """A fault as it happened: wall-clock time, kind and what it hit."""
+    """A fault as it happened: kind, what it hit and when, in epoch seconds.
+
+    `at` is when the fault began (the signal or the cut) and `until` when it was
+    over: the broker listening again, or the stopped consumer gone.
+    """
 
     at: float
     kind: str
     detail: str
+    until: float = 0.0
+
+    @property
+    def ended_at(self) -> float:
+        """End of the fault, never before its start."""
+        return max(self.at, self.until)
 
 
 @dataclass
@@ -228,7 +241,8 @@ def _duplicate_cause(
     if later.sequence_number != earlier.sequence_number:
         return "publish_retry" if earlier.message_id in resent else None
     for fault in faults:
-        during = earlier.started_at <= fault.at <= later.at
-        if fault.kind in DISRUPTING_KINDS and during:
+        began_at = earlier.started_at - RECEIVE_MARGIN_S
+        overlaps = fault.at <= later.at and fault.ended_at >= began_at
+        if fault.kind in DISRUPTING_KINDS and overlaps:
             return fault.kind
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-# A consumer drains within shutdown_grace_s; past this it is killed.
+# A stopped consumer that is not gone after this many seconds is killed.
 STOP_TIMEOUT_S = 15.0
+# Time a broker gets to print its connection string after it starts.
+START_TIMEOUT_S = 15.0
 # Time given to a hung process to print its task stacks before it is killed.
 STACK_DUMP_WAIT_S = 1.0
 
 
 @dataclass
 class ConsumerProcess:
-    """One consumer slot; each start runs a new process with a new pid."""
+    """One consumer slot. Each start runs a new process with a new pid."""
 
     slot: int
     config_path: Path
@@ -76,7 +79,7 @@ class ConsumerProcess:
             self.process.wait()
 
     def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """Send SIGTERM and wait for the drain; kill it past `timeout_s`.
+        """Send SIGTERM and wait for the drain, killing the process past `timeout_s`.
 
         Return the exit status, or None when it had to be killed.
         """
@@ -87,7 +90,7 @@ class ConsumerProcess:
         return self.wait_or_kill(timeout_s)
 
     def wait_or_kill(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """Wait for the process to exit; kill it past `timeout_s` and return None.
+        """Wait for the process to exit, or kill it past `timeout_s` and return None.
 
         Before the kill, SIGUSR1 makes the process print its asyncio task stacks
         into its log, to show where the stop hung.
@@ -117,7 +120,7 @@ class ConsumerPool:
     slots: list[ConsumerProcess]
 
     def stop_all(self) -> dict[int, int | None]:
-        """SIGTERM every running consumer at once, then wait; return exit statuses.
+        """Send SIGTERM to every running consumer at once and return exit statuses.
 
         Each process gets one signal only: a second SIGTERM that arrives after the app
         removed its signal handlers would end the process with the default action.
@@ -129,6 +132,84 @@ class ConsumerPool:
         return {slot.slot: slot.wait_or_kill() for slot in running}
 
     def kill_all(self) -> None:
-        """SIGKILL every consumer that still runs; used on the way out of a failure."""
+        """Send SIGKILL to every consumer that still runs, after a failed run."""
         for slot in self.slots:
             slot.kill()
+
+
+@dataclass
+class BrokerLauncher:
+    """`python -m localbus` with its log kept, restartable on the same port.
+
+    `localbus.testing.BrokerProcess` discards the broker's standard error. A chaos run
+    keeps it in `log_dir/broker-<n>.log`, one file per start, to explain failures.
+    """
+
+    arguments: list[str]
+    log_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def connection_string(self) -> str:
+        """Connection string of the broker, with the emulator's well-known key."""
+        from consumer.config import local_connection_string
+
+        return local_connection_string(self.host, self.port)
+
+    def start(self) -> None:
+        """Start the broker and wait until it prints its connection string."""
+        log_path = self.log_dir / f"broker-{self.starts}.log"
+        self.starts += 1
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "localbus",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    *self.arguments,
+                ],
+                cwd=REPOSITORY,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+            )
+        assert self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_S)
+        line = ""
+        if readable:
+            line = self.process.stdout.readline().decode("utf-8", "replace")
+        marker = f"sb://{self.host}:"
+        if marker not in line:
+            self.kill()
+            raise RuntimeError(f"the broker did not start; see {log_path}")
+        self.port = int(line.split(marker, 1)[1].split(";", 1)[0])
+
+    def kill(self) -> None:
+        """Stop the broker with SIGKILL, as a crash would."""
+        self._stop(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """Stop the broker with SIGTERM and wait for it to exit."""
+        self._stop(signal.SIGTERM)
+
+    def _stop(self, signum: int) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        self.process = None
