@@ -9,6 +9,7 @@ import pytest
 from consumer.app import ConsumerApp
 from consumer.generate import generate_stream
 from tests.conftest import (
+    SDK_SOCKET_LEAKS,
     Outgoing,
     Recorder,
     consume,
@@ -19,7 +20,7 @@ from tests.conftest import (
     settings_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, SDK_SOCKET_LEAKS]
 
 
 @pytest.fixture(scope="module")

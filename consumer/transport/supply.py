@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -24,8 +25,9 @@ log = structlog.get_logger("orders_consumer.supply")
 # Accept failures back off from this to the cap, so a broker outage costs no CPU.
 RECONNECT_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 10.0
-# A cancelled accept normally ends at once; past this the drain goes on without it.
-STOP_TIMEOUT_S = 5.0
+# An accept in flight at stop ends within accept_timeout_s; past this extra margin
+# the drain goes on without it.
+STOP_MARGIN_S = 2.0
 # Repeated connection errors are logged once per this interval, with a count.
 ERROR_LOG_INTERVAL_S = 30.0
 
@@ -56,6 +58,8 @@ class SessionSupply:
         self._budget = asyncio.Semaphore(self._capacity)
         self._ready: asyncio.Queue[SessionReceiver] = asyncio.Queue()
         self._acceptors: list[asyncio.Task[None]] = []
+        self._accepting: set[asyncio.Task[Any] | None] = set()
+        self._stopped = False
         self._limiter = RateLimiter(interval_s=ERROR_LOG_INTERVAL_S)
         self.last_connected_at = time.monotonic()
         # Start of the first accept that found no session since the last one that
@@ -89,21 +93,31 @@ class SessionSupply:
         self._budget.release()
 
     async def stop(self) -> None:
-        """Stop accepting and close every accepted session no worker took."""
+        """Stop accepting and close every accepted session no worker took.
+
+        Accepts in flight are not cancelled, because the SDK does not always end a
+        cancelled accept: they end within `accept_timeout_s` and their sessions are
+        closed here.
+        """
+        self._stopped = True
         for task in self._acceptors:
-            task.cancel()
+            if task not in self._accepting:
+                task.cancel()
         if self._acceptors:
-            _, pending = await asyncio.wait(self._acceptors, timeout=STOP_TIMEOUT_S)
+            timeout_s = self._accept_timeout_s + STOP_MARGIN_S
+            _, pending = await asyncio.wait(self._acceptors, timeout=timeout_s)
             if pending:
-                log.warning("accept_cancel_timed_out", accepts=len(pending))
+                log.warning("accept_stop_timed_out", accepts=len(pending))
         while not self._ready.empty():
             await self._close_quietly(self._ready.get_nowait())
 
     async def _accept_loop(self) -> None:
         backoff_s = RECONNECT_BACKOFF_S
-        while True:
+        task = asyncio.current_task()
+        while not self._stopped:
             await self._budget.acquire()
             started_at = time.monotonic()
+            self._accepting.add(task)
             try:
                 receiver = await self._transport.accept_session(self._accept_timeout_s)
             except Exception as error:  # noqa: BLE001 - keep accepting after any failure
@@ -115,6 +129,8 @@ class SessionSupply:
             except BaseException:
                 self._budget.release()
                 raise
+            finally:
+                self._accepting.discard(task)
             backoff_s = RECONNECT_BACKOFF_S
             self._on_connected()
             if receiver is None:
