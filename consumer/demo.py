@@ -1,8 +1,9 @@
 """`orders-consumer demo`: the whole product end to end on one machine.
 
-Starts the local broker in-process on a free 127.0.0.1 port, publishes a generated
-stream, consumes it with the bundled handlers into a store in a temporary folder, and
-checks the run: every event handled, per order in publish order, nothing dead-lettered.
+The demo starts the local broker in-process on a free 127.0.0.1 port and publishes a
+generated stream. It consumes the stream with the bundled handlers into a store in a
+temporary folder, then checks that every event was handled, each order's events in
+publish order, and nothing was dead-lettered.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _published_order(events: list[dict[str, Any]]) -> dict[str, list[tuple[str, 
 
 @dataclass(frozen=True)
 class DemoReport:
-    """What the demo saw, and whether it matches what was published."""
+    """Summary of a demo run, compared with what was published."""
 
     orders: int
     published: int

@@ -316,7 +316,7 @@ class SessionProcessor:
 
         The idle timeout keeps a session for messages still to come. When another
         session is accepted and waiting, holding an empty one only delays it, so the
-        worker releases the session at once; a later message makes it available again.
+        worker releases the session at once. A later message makes it available again.
         """
         if not self._supply.has_waiting():
             return False

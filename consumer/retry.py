@@ -43,8 +43,8 @@ class RetryPolicy:
 
         The exponential step is `backoff_s * 2 ** (attempt - 1)`, capped at
         `max_backoff_s`, and the wait is drawn between half of it and all of it so that
-        sessions failing together do not retry in lockstep. `RetryLater(delay_s)` asks
-        for its own delay, also capped at `max_backoff_s` so the retry budget checked at
+        sessions failing together do not retry in lockstep. `RetryLater(delay_s)` sets
+        its own delay, also capped at `max_backoff_s` so the retry budget checked at
         start-up holds.
         """
         if isinstance(error, RetryLater) and error.delay_s > 0:

@@ -56,7 +56,7 @@ class Action(StrEnum):
 
 
 class Outcome(StrEnum):
-    """What happened to a message, as logged and used for metric labels."""
+    """Result of handling a message, as logged and used for metric labels."""
 
     COMPLETED = "completed"
     DUPLICATE = "duplicate"

@@ -52,7 +52,7 @@ class SessionReceiver(Protocol):
         ...
 
     async def has_messages_after(self, sequence_number: int) -> bool:
-        """Whether the session has a message (active or deferred) after this one."""
+        """Return whether an active or deferred message follows this sequence number."""
         ...
 
     async def receive_deferred(

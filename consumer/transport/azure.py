@@ -31,8 +31,8 @@ from consumer.transport import InboundMessage
 
 T = TypeVar("T")
 
-# Closing a receiver took about 0.5 s against the local broker; a close that takes far
-# longer is given up so that a drain cannot hang on it.
+# Closing a receiver took about 0.5 s against the local broker. A close that takes far
+# longer is given up, so a drain cannot hang on it.
 CLOSE_TIMEOUT_S = 10.0
 CLIENT_CLOSE_ATTEMPTS = 3
 
@@ -115,7 +115,7 @@ class AzureSessionReceiver:
         return _to_inbound(messages[0], self._session_id)
 
     async def has_messages_after(self, sequence_number: int) -> bool:
-        """Whether the session has a message (active or deferred) after this one."""
+        """Return whether an active or deferred message follows this sequence number."""
         peeked = await self._call(
             "peek",
             self._receiver.peek_messages(
@@ -258,7 +258,7 @@ class AzureTransport:
             self._close_in_background(receiver)
             raise
         if not isinstance(receiver.session.session_id, str):
-            # Service Bus answers a next-available attach that timed out with an
+            # Service Bus replies to a next-available attach that timed out with an
             # attach carrying no session, then a detach. The SDK can report the link
             # open in between, so a receiver without a session id granted nothing.
             self._close_in_background(receiver)

@@ -1,10 +1,10 @@
 """An in-process transport for handler tests: sessions, locks and settlement in memory.
 
-It follows the Service Bus rules the processor relies on: one receiver per session,
-messages of a session delivered in sequence-number order, an abandoned message back at
-the head of its session with a higher delivery count, deferred messages fetched only by
-sequence number, and a dead-letter queue that keeps reason and description. Session
-locks never expire here; tests of lock loss belong with the local broker.
+It follows the Service Bus rules the processor relies on. A session has one receiver
+at a time and delivers its messages in sequence-number order. An abandoned message
+returns to the head of its session with a higher delivery count. Deferred messages are
+fetched only by sequence number, and dead-lettered ones keep reason and description.
+Session locks never expire here, so tests of lock loss belong with the local broker.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class MemorySessionReceiver:
         return self._inbound(session.pending.pop(0))
 
     async def has_messages_after(self, sequence_number: int) -> bool:
-        """Whether the session has a pending or deferred message after this one."""
+        """Return whether a pending or deferred message follows this sequence number."""
         session = self._session
         later = [m for m in session.pending if m.sequence_number > sequence_number]
         return bool(later) or any(n > sequence_number for n in session.deferred)

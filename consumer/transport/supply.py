@@ -74,7 +74,7 @@ class SessionSupply:
         ]
 
     def has_waiting(self) -> bool:
-        """Whether an accepted session is waiting for a worker."""
+        """Return whether an accepted session is waiting for a worker."""
         return not self._ready.empty()
 
     async def take(self) -> SessionReceiver:
