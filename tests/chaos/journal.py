@@ -27,9 +27,8 @@ POISON_REASON = "ChaosPoison"
 class JournalEntry:
     """One successful handling of a message by one consumer process.
 
-    `started_at` is when the bundled handlers of this attempt began, at most
-    `handler_timeout_s` before the journal handler ran, and `at` when the line was
-    written; both are wall-clock epoch seconds.
+    `started_at` is when the first handler of this delivery began and `at` when the
+    line was written. Both are wall-clock epoch seconds.
     """
 
     order_id: str
@@ -46,9 +45,10 @@ class JournalEntry:
 class HandlerFaults:
     """Message ids whose handling the journal handler disturbs on purpose.
 
-    `poison` raise `DeadLetter` with reason `ChaosPoison`; `flaky` fail their first
-    in-process attempt with a `ConnectionError`; `slow` sleep `slow_s` seconds, longer
-    than the broker's lock duration, so the lock must be renewed while they run.
+    Messages in `poison` raise `DeadLetter` with reason `ChaosPoison`. Messages in
+    `flaky` fail their first in-process attempt with a `ConnectionError`. Messages in
+    `slow` sleep `slow_s` seconds, longer than the broker's lock duration, so the lock
+    must be renewed while they run.
     """
 
     poison: frozenset[str] = frozenset()

@@ -9,9 +9,9 @@ Rules, per published message id:
    order was first handled. So the first handlings follow publish order, and nothing
    runs past a dead-lettered message, because the orders are parked.
 3. A second handling of the same message (same sequence number) needs a fault that was
-   going on between the start of the first handling and the second one, of a kind that
-   can fall between handler and settlement: a killed or stopped consumer, a cut
-   connection or a broker restart.
+   going on between the start of the first handling and the second one. The fault must
+   be of a kind that can fall between handler and settlement: a killed or stopped
+   consumer, a cut connection or a broker restart.
 4. A second copy (new sequence number) needs a publish retry of that message.
 5. No message stays active in the queue, and no deferred message stays in an order
    that is not parked, where nothing would fetch it again.

@@ -146,7 +146,7 @@ def _schedule(
 ) -> tuple[PlannedFault, ...]:
     start_s, end_s = (share * duration_s for share in FAULT_WINDOW)
     count = max(len(kinds), int((end_s - start_s) / SECONDS_PER_FAULT))
-    # Every kind once, then a random mix, so that even a short run sees each kind.
+    # Every kind once, then a random mix, so that even a short run injects each kind.
     chosen = list(kinds) + [rng.choice(kinds) for _ in range(count - len(kinds))]
     rng.shuffle(chosen)
     times = sorted(rng.uniform(start_s, end_s) for _ in chosen)

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Run as a script, the first path entry is this folder; the repository root replaces
-# it so that `tests.chaos` imports and no module here shadows a standard one.
+# Run as a script, the first path entry is this folder. The repository root replaces
+# it, so that `tests.chaos` can be imported and no module here shadows a standard one.
 sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from tests.chaos.harness import RunOptions, run_chaos  # noqa: E402
