@@ -39,6 +39,8 @@ Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 # Sessions accepted ahead of the workers, on top of max_concurrent_sessions. An accept
 # took about 0.5 s against the local broker and a short order about 0.05 s, so eight
 # accepts in flight keep even a single worker busy (measured, 100 orders, 1 worker).
+# NOTE: up to max_concurrent_sessions + STANDBY_SESSIONS sessions are locked at once,
+# although at most max_concurrent_sessions run messages.
 STANDBY_SESSIONS = 8
 
 
