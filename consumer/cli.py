@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from consumer.cli_admin import dlq_cli, sessions_cli
 from consumer.errors import ConfigurationError, TransportError
 from consumer.redact import redact
 
@@ -28,6 +29,10 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+cli.add_typer(dlq_cli, name="dlq")
+cli.add_typer(sessions_cli, name="sessions")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
