@@ -36,12 +36,9 @@ T = TypeVar("T")
 # must watch the event it is given, which is set once the session lock is lost.
 Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 
-# Sessions accepted ahead of the workers, on top of max_concurrent_sessions. An accept
-# took about 0.5 s against the local broker and a short order about 0.05 s, so eight
-# accepts in flight keep even a single worker busy (measured, 100 orders, 1 worker).
-# NOTE: up to max_concurrent_sessions + STANDBY_SESSIONS sessions are locked at once,
-# although at most max_concurrent_sessions run messages.
-STANDBY_SESSIONS = 8
+# The key of the request record `orders-consumer sessions unpark` writes into the
+# session state. The processor keeps it until the deferred messages are handled.
+UNPARK_KEY = "unpark"
 
 
 async def _unless_set(
@@ -119,7 +116,7 @@ class SessionProcessor:
         self._supply = SessionSupply(
             transport,
             held=settings.max_concurrent_sessions,
-            standby=STANDBY_SESSIONS,
+            standby=settings.standby_sessions,
             accept_timeout_s=settings.accept_timeout_s,
             metrics=metrics,
             health=health,
@@ -410,7 +407,8 @@ class SessionProcessor:
                 raise
             finally:
                 held.message_started_at = None
-        settlement.record(self._metrics, self._entity, event_type, message, decided)
+            # Inside the block, so the outcome's log line carries the message's ids.
+            settlement.record(self._metrics, self._entity, event_type, message, decided)
         return not decided.releases_session
 
     async def _decide(
