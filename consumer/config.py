@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     prefetch_count: int = Field(default=0, ge=0, le=10_000)
     max_delivery_count: int = Field(default=10, ge=1)
     accept_timeout_s: float = Field(default=5.0, gt=0)
+    # Sessions accepted ahead of the workers, on top of max_concurrent_sessions. An
+    # accept took about 0.5 s against the local broker and a short order about 0.05 s,
+    # so eight accepts in flight keep even a single worker busy (measured with 100
+    # orders and 1 worker). Up to max_concurrent_sessions + standby_sessions sessions
+    # are locked at once, although at most max_concurrent_sessions run messages.
+    standby_sessions: int = Field(default=8, ge=0, le=1000)
     unknown_event_policy: Literal["dead_letter", "ignore"] = "dead_letter"
 
     # Failure semantics.
