@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 import typer
@@ -35,10 +36,11 @@ from consumer.dlq import (
 from consumer.errors import ConfigurationError, TransportError
 from consumer.redact import redact
 from consumer.sessions_admin import (
-    ParkedOrder,
     ResubmitResult,
-    list_parked,
-    resubmit_selection,
+    SessionLocked,
+    hold_session,
+    read_state,
+    resubmit_order,
     unpark,
 )
 
@@ -111,6 +113,108 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 def _stdout() -> Console:
     # A wide console keeps table rows on one line when the output is piped.
     return Console(width=200) if not Console().is_terminal else Console()
+
+
+# `sessions list` waits this long per order, because a held session will not free up.
+LIST_SESSION_WAIT_S = 1.0
+LOCKED_STATUS = "locked by a consumer"
+PARKED_STATUS = "parked"
+
+
+@dataclass(frozen=True)
+class ParkedOrder:
+    """A row of `sessions list`: an order that is parked or could not be checked."""
+
+    order_id: str
+    status: str
+    reason: str
+    description: str
+    sequence_number: int | None
+    deferred: int | None
+
+
+async def list_parked(
+    client: ServiceBusClient, settings: Settings
+) -> list[ParkedOrder]:
+    """Return the parked orders, found through their dead-lettered messages.
+
+    Each order with a dead-lettered message is checked by reading its session state.
+    An order whose session is locked by a running consumer is listed as
+    "locked by a consumer".
+    """
+    by_order: dict[str, list[DeadLetteredMessage]] = {}
+    for message in await DeadLetterQueue(client, settings).peek():
+        by_order.setdefault(message.order_id, []).append(message)
+    rows: list[ParkedOrder] = []
+    for order_id, messages in by_order.items():
+        if not order_id:
+            continue
+        row = await _parked_row(client, settings, order_id, messages[0])
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+async def _parked_row(
+    client: ServiceBusClient,
+    settings: Settings,
+    order_id: str,
+    first: DeadLetteredMessage,
+) -> ParkedOrder | None:
+    try:
+        async with hold_session(
+            client, settings, order_id, LIST_SESSION_WAIT_S
+        ) as receiver:
+            state = await read_state(receiver)
+    except SessionLocked:
+        return ParkedOrder(
+            order_id, LOCKED_STATUS, first.reason, first.description, None, None
+        )
+    parked = state.checkpoint.parked
+    if parked is None:
+        return None
+    return ParkedOrder(
+        order_id,
+        PARKED_STATUS,
+        parked.reason,
+        parked.description,
+        parked.sequence_number,
+        len(state.checkpoint.deferred_sequence_numbers),
+    )
+
+
+async def resubmit_records(
+    client: ServiceBusClient,
+    settings: Settings,
+    records: list[DeadLetteredMessage],
+    progress: Callable[[int], None] | None = None,
+) -> list[ResubmitResult | DeadLetterToolError]:
+    """Resubmit the dead-lettered `records`, order by order.
+
+    Orders are processed in the order of their oldest dead-lettered message, and the
+    messages of one order together, oldest first. A failure of one order (locked,
+    rejected) is returned in its place and the other orders go on.
+    """
+    by_order: dict[str, list[int]] = {}
+    for record in records:
+        by_order.setdefault(record.order_id, []).append(record.sequence_number)
+    outcomes: list[ResubmitResult | DeadLetterToolError] = []
+    for order_id, numbers in by_order.items():
+        if not order_id:
+            outcomes.append(
+                DeadLetterToolError(
+                    f"dead-lettered messages {numbers} have no session id, so they "
+                    "belong to no order and cannot be resubmitted into one"
+                )
+            )
+            continue
+        try:
+            outcomes.append(await resubmit_order(client, settings, order_id, numbers))
+        except DeadLetterToolError as error:
+            outcomes.append(error)
+        if progress is not None:
+            progress(len(numbers))
+    return outcomes
 
 
 @dlq_cli.command("list")
@@ -210,7 +314,7 @@ def resubmit(
     ) -> list[ResubmitResult | DeadLetterToolError]:
         found = await DeadLetterQueue(client, settings).peek(selection)
         with _progress("resubmitting", len(found)) as advance:
-            return await resubmit_selection(client, settings, selection, advance)
+            return await resubmit_records(client, settings, found, advance)
 
     outcomes = _run(settings, work)
     _report(outcomes, "resubmitted")
@@ -256,7 +360,7 @@ def purge(
     async def work(client: ServiceBusClient) -> int:
         with _progress("purging", total) as advance:
             queue = DeadLetterQueue(client, settings)
-            return await queue.purge(selection, advance)
+            return await queue.purge(selection, advance, limit=total)
 
     removed = _run(settings, work)
     typer.echo(f"removed {removed} dead-lettered message(s)")

@@ -2,9 +2,9 @@
 
 `DeadLetterQueue` peeks dead-lettered messages (peek never locks, so listing does not
 disturb anything), locks selected ones to complete them, and purges. Service Bus keeps
-a message's sequence number, session id and properties when it dead-letters it, and
+a message's sequence number, session id and properties when it dead-letters it. It
 stores the reason and description in the application properties `DeadLetterReason`
-and `DeadLetterErrorDescription`, so every record here names its order and its place
+and `DeadLetterErrorDescription`. So every record here names its order and its place
 in that order.
 
 Resubmitting into an order's session is in `consumer.sessions_admin`, because it has
@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from azure.servicebus import (
+    ServiceBusMessage,
     ServiceBusReceivedMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
@@ -52,7 +53,7 @@ Progress = Callable[[int], None]
 
 
 class DeadLetterToolError(ConsumerError):
-    """A dead-letter or session tool operation failed; the message says what to do."""
+    """A tool operation failed; the message names the cause and the next step."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,7 @@ class DeadLetteredMessage:
         A message that was never resubmitted is its own original. The ordering of an
         order's messages follows this number, not the copy's new one.
         """
-        value = self.application_properties.get(ORIGINAL_SEQUENCE_PROPERTY)
-        try:
-            return int(value) if value is not None else self.sequence_number
-        except (TypeError, ValueError):
-            return self.sequence_number
+        return _original_number(self.application_properties, self.sequence_number)
 
     @classmethod
     def from_sdk(cls, message: ServiceBusReceivedMessage) -> DeadLetteredMessage:
@@ -102,6 +99,34 @@ class DeadLetteredMessage:
             content_type=message.content_type,
             application_properties=properties,
             body=message_body(message),
+        )
+
+    def resubmit_copy(self, extra_properties: Mapping[str, Any]) -> ServiceBusMessage:
+        """Build the copy that a resubmit sends into the message's own session.
+
+        The copy keeps the body, message id, subject, correlation id, content type
+        and application properties, and names the dead-lettered original in
+        `orders-consumer-resubmitted-from` and `orders-consumer-original-sequence-
+        number`. Raises `DeadLetterToolError` for a message without a data body.
+        """
+        if self.body is None:
+            raise DeadLetterToolError(
+                f"message {self.sequence_number} of order {self.order_id} has no data "
+                "body (an AMQP value or sequence), so it cannot be resubmitted; "
+                "remove it with `dlq purge`"
+            )
+        properties = self.user_properties()
+        properties[RESUBMITTED_FROM_PROPERTY] = self.sequence_number
+        properties[ORIGINAL_SEQUENCE_PROPERTY] = self.original_sequence_number
+        properties.update(extra_properties)
+        return ServiceBusMessage(
+            self.body,
+            session_id=self.order_id,
+            message_id=self.message_id or None,
+            subject=self.event_type or None,
+            correlation_id=self.correlation_id,
+            content_type=self.content_type,
+            application_properties=properties,
         )
 
     def user_properties(self) -> dict[str, Any]:
@@ -126,6 +151,23 @@ def text_keys(properties: Mapping[Any, Any]) -> dict[str, Any]:
             value = value.decode("utf-8", "replace")
         decoded[name] = value
     return decoded
+
+
+def original_sequence_number(message: ServiceBusReceivedMessage) -> int:
+    """Return the sequence number of the message that `message` is a copy of.
+
+    A message that is not a resubmitted copy is its own original.
+    """
+    properties = text_keys(message.application_properties or {})
+    return _original_number(properties, int(message.sequence_number or 0))
+
+
+def _original_number(properties: Mapping[str, Any], own_number: int) -> int:
+    value = properties.get(ORIGINAL_SEQUENCE_PROPERTY)
+    try:
+        return int(value) if value is not None else own_number
+    except (TypeError, ValueError):
+        return own_number
 
 
 def message_body(message: ServiceBusReceivedMessage) -> bytes | None:
@@ -202,7 +244,7 @@ def failed(action: str, error: BaseException) -> DeadLetterToolError:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which dead-lettered messages an operation applies to; empty fields match all."""
+    """The filter of an operation on dead-lettered messages; empty fields match all."""
 
     reason: str | None = None
     order_id: str | None = None
@@ -288,13 +330,16 @@ class DeadLetterQueue:
         return None
 
     @asynccontextmanager
-    async def locked(self, sequence_numbers: Iterable[int]) -> AsyncIterator[Locked]:
+    async def locked(
+        self, sequence_numbers: Iterable[int], *, require_all: bool = True
+    ) -> AsyncIterator[Locked]:
         """Lock the dead-lettered messages with `sequence_numbers` for settlement.
 
         The dead-letter queue has no sessions and no receive by sequence number, so
-        this receives messages in order until it holds all of them. Messages locked
+        this receives messages in order until it has locked all of them. Messages locked
         on the way are abandoned on exit, which adds one to their delivery count.
-        Raises `DeadLetterToolError` naming the numbers that are no longer there.
+        Raises `DeadLetterToolError` naming the numbers that are no longer there,
+        unless `require_all` is False.
         """
         wanted = set(sequence_numbers)
         receiver = self._receiver(receive_mode=ServiceBusReceiveMode.PEEK_LOCK)
@@ -306,7 +351,7 @@ class DeadLetterQueue:
             raise failed(f"locking messages in {self.name}", error) from None
         try:
             missing = sorted(wanted - set(held))
-            if missing:
+            if missing and require_all:
                 raise DeadLetterToolError(
                     f"dead-lettered messages {missing} are no longer in "
                     f"{self.name}; list the queue again and retry"
@@ -320,44 +365,58 @@ class DeadLetterQueue:
             await receiver.close()
 
     async def purge(
-        self, selection: Selection, progress: Progress | None = None
+        self,
+        selection: Selection,
+        progress: Progress | None = None,
+        limit: int | None = None,
     ) -> int:
         """Remove the matching messages and return how many were removed.
 
         Without filters, messages are received in receive-and-delete mode. With
-        filters, matching messages are completed and the others abandoned.
+        filters, matching messages are completed and the others abandoned. With
+        `limit`, at most that many are removed, for example the count an operator
+        confirmed, so messages dead-lettered during the purge stay.
         """
         try:
             if selection.is_everything:
-                return await self._delete_all(progress)
-            return await self._complete_matching(selection, progress)
+                return await self._delete_all(progress, limit)
+            return await self._complete_matching(selection, progress, limit)
         except ServiceBusError as error:
             raise failed(f"purging {self.name}", error) from None
 
-    async def _delete_all(self, progress: Progress | None) -> int:
+    async def _delete_all(self, progress: Progress | None, limit: int | None) -> int:
         removed = 0
         mode = ServiceBusReceiveMode.RECEIVE_AND_DELETE
         async with self._receiver(receive_mode=mode) as receiver:
-            while batch := await receiver.receive_messages(
-                max_message_count=PAGE_SIZE, max_wait_time=RECEIVE_WAIT_S
-            ):
+            while limit is None or removed < limit:
+                count = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - removed)
+                batch = await receiver.receive_messages(
+                    max_message_count=count, max_wait_time=RECEIVE_WAIT_S
+                )
+                if not batch:
+                    break
                 removed += len(batch)
                 if progress is not None:
                     progress(len(batch))
         return removed
 
     async def _complete_matching(
-        self, selection: Selection, progress: Progress | None
+        self, selection: Selection, progress: Progress | None, limit: int | None
     ) -> int:
         removed = 0
         others: list[ServiceBusReceivedMessage] = []
         async with self._receiver() as receiver:
             try:
-                while batch := await receiver.receive_messages(
-                    max_message_count=PAGE_SIZE, max_wait_time=RECEIVE_WAIT_S
-                ):
+                while limit is None or removed < limit:
+                    batch = await receiver.receive_messages(
+                        max_message_count=PAGE_SIZE, max_wait_time=RECEIVE_WAIT_S
+                    )
+                    if not batch:
+                        break
                     for message in batch:
-                        if not selection.matches(DeadLetteredMessage.from_sdk(message)):
+                        record = DeadLetteredMessage.from_sdk(message)
+                        full = limit is not None and removed >= limit
+                        if full or not selection.matches(record):
                             others.append(message)
                             continue
                         await receiver.complete_message(message)

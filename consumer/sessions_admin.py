@@ -12,10 +12,10 @@ in the right order:
    number) and `orders-consumer-original-sequence-number`.
 2. Receive the session's active messages up to the last copy and defer them. Only the
    resume message stays active, so that a consumer accepts the session.
-3. Write the session state: the deferred list in original order (copies at the place
-   of the message they replace, then the messages deferred while the order was
-   parked, then later ones), the park record cleared, the resume message's id among
-   the recent message ids, and an `unpark` record of the request.
+3. Write the session state. The deferred list is in original order: each copy at the
+   place of the message it replaces, then the messages deferred while the order was
+   parked, then later ones. The park record is cleared, the resume message's id is
+   added to the recent message ids, and an `unpark` record describes the request.
 4. Complete the originals in the dead-letter queue.
 
 The processor accepts the session because of the resume message, resumes the deferred
@@ -48,16 +48,14 @@ from consumer.checkpoint import (
 )
 from consumer.config import Settings
 from consumer.dlq import (
-    ORIGINAL_SEQUENCE_PROPERTY,
     PAGE_SIZE,
-    RESUBMITTED_FROM_PROPERTY,
     DeadLetteredMessage,
     DeadLetterQueue,
     DeadLetterToolError,
     Locked,
-    Selection,
     entity_receiver,
     failed,
+    original_sequence_number,
     text_keys,
 )
 
@@ -68,10 +66,6 @@ RESUME_SUBJECT = "orders-consumer.resume-session"
 OPERATION_PROPERTY = "orders-consumer-operation"
 # Time to wait for a session lock, and for sent copies to arrive in the session.
 SESSION_WAIT_S = 5.0
-# `sessions list` waits this long per order, because a held session will not free up.
-LIST_SESSION_WAIT_S = 1.0
-LOCKED_STATUS = "locked by a consumer"
-PARKED_STATUS = "parked"
 
 
 class SessionLocked(DeadLetterToolError):
@@ -95,7 +89,7 @@ class UnparkRequest:
     """The `unpark` record a tool writes into the session state next to the checkpoint.
 
     The processor needs none of it to resume the order, because the tool already
-    arranged the deferred list. It tells an operator reading the state what was done.
+    arranged the deferred list. It records for an operator what the tool did.
     """
 
     requested_at: str
@@ -161,20 +155,8 @@ class SessionState:
 
 
 @dataclass(frozen=True)
-class ParkedOrder:
-    """A row of `sessions list`: an order that is parked or could not be checked."""
-
-    order_id: str
-    status: str
-    reason: str
-    description: str
-    sequence_number: int | None
-    deferred: int | None
-
-
-@dataclass(frozen=True)
 class ResubmitResult:
-    """What a resubmit or unpark did to one order."""
+    """The outcome of a resubmit or unpark for one order."""
 
     order_id: str
     resubmitted: tuple[int, ...]
@@ -192,7 +174,7 @@ async def hold_session(
 ) -> AsyncIterator[ServiceBusReceiver]:
     """Accept the session of `order_id` by name and release it on exit.
 
-    Raises `SessionLocked` when a consumer holds it.
+    Raises `SessionLocked` when a running consumer has the session locked.
     """
     receiver = entity_receiver(
         client, settings, session_id=order_id, max_wait_time=max_wait_s
@@ -230,55 +212,6 @@ async def read_state(receiver: ServiceBusReceiver) -> SessionState:
             f"the session state of order {order_id} is unreadable ({error}); "
             "inspect it before changing the order"
         ) from None
-
-
-async def list_parked(
-    client: ServiceBusClient, settings: Settings
-) -> list[ParkedOrder]:
-    """Return the parked orders, found through their dead-lettered messages.
-
-    Each order with a dead-lettered message is checked by reading its session state.
-    An order whose session a consumer holds is listed as "locked by a consumer".
-    """
-    by_order: dict[str, list[DeadLetteredMessage]] = {}
-    for message in await DeadLetterQueue(client, settings).peek():
-        by_order.setdefault(message.order_id, []).append(message)
-    rows: list[ParkedOrder] = []
-    for order_id, messages in by_order.items():
-        if not order_id:
-            continue
-        row = await _parked_row(client, settings, order_id, messages[0])
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-async def _parked_row(
-    client: ServiceBusClient,
-    settings: Settings,
-    order_id: str,
-    first: DeadLetteredMessage,
-) -> ParkedOrder | None:
-    try:
-        async with hold_session(
-            client, settings, order_id, LIST_SESSION_WAIT_S
-        ) as receiver:
-            state = await read_state(receiver)
-    except SessionLocked:
-        return ParkedOrder(
-            order_id, LOCKED_STATUS, first.reason, first.description, None, None
-        )
-    parked = state.checkpoint.parked
-    if parked is None:
-        return None
-    return ParkedOrder(
-        order_id,
-        PARKED_STATUS,
-        parked.reason,
-        parked.description,
-        parked.sequence_number,
-        len(state.checkpoint.deferred_sequence_numbers),
-    )
 
 
 async def resubmit_order(
@@ -319,15 +252,14 @@ async def unpark(
         parked = state.checkpoint.parked
         if parked is None:
             raise DeadLetterToolError(f"order {order_id} is not parked")
-        found = await dead_letters.find(parked.sequence_number)
-        if found is None and not skip:
-            raise DeadLetterToolError(
-                f"the message order {order_id} is parked on (sequence number "
-                f"{parked.sequence_number}) is not in {dead_letters.name}; "
-                "resume with --skip to go on without it"
-            )
-        numbers = [parked.sequence_number] if found is not None else []
-        async with dead_letters.locked(numbers) as locked:
+        numbers = [parked.sequence_number]
+        async with dead_letters.locked(numbers, require_all=False) as locked:
+            if not locked.records() and not skip:
+                raise DeadLetterToolError(
+                    f"the message order {order_id} is parked on (sequence number "
+                    f"{parked.sequence_number}) is not in {dead_letters.name}; "
+                    "resume with --skip to go on without it"
+                )
             return await _apply(receiver, client, settings, state, locked, skip=skip)
 
 
@@ -371,16 +303,14 @@ async def _apply(
     records = locked.records()
     checkpoint = state.checkpoint
     operation = uuid.uuid4().hex
-    copies = [] if skip else [_copy_of(record, operation) for record in records]
-    clears_park = checkpoint.parked is not None and any(
-        record.sequence_number == checkpoint.parked.sequence_number
-        for record in records
-    )
-    clears_park = clears_park or (skip and checkpoint.parked is not None)
+    extra = {OPERATION_PROPERTY: operation}
+    copies = [] if skip else [record.resubmit_copy(extra) for record in records]
+    clears_park = _clears_park(checkpoint, records, skip)
     needs_resume = bool(copies) or (
-        clears_park and checkpoint.deferred_sequence_numbers
+        clears_park and bool(checkpoint.deferred_sequence_numbers)
     )
     resume = _resume_message(order_id, operation) if needs_resume else None
+
     try:
         await _send(client, settings, ([resume] if resume else []) + copies)
         newly_deferred = await _defer_through_copies(receiver, operation, len(copies))
@@ -389,24 +319,24 @@ async def _apply(
         raise failed(
             f"resubmitting into the session of order {order_id}", error
         ) from None
+
+    request = UnparkRequest(
+        requested_at=datetime.now(UTC).isoformat(),
+        skip=skip,
+        dead_lettered_sequence_numbers=tuple(r.sequence_number for r in records),
+        resubmitted_message_ids=tuple(str(copy.message_id) for copy in copies),
+        resume_message_id=str(resume.message_id) if resume else None,
+    )
     recent = checkpoint.recent_message_ids
     if resume is not None:
         recent = (recent + (str(resume.message_id),))[-MAX_RECENT_MESSAGE_IDS:]
-    new_state = SessionState(
-        replace(
-            checkpoint,
-            parked=None if clears_park else checkpoint.parked,
-            deferred_sequence_numbers=tuple(order),
-            recent_message_ids=recent,
-        ),
-        UnparkRequest(
-            requested_at=datetime.now(UTC).isoformat(),
-            skip=skip,
-            dead_lettered_sequence_numbers=tuple(r.sequence_number for r in records),
-            resubmitted_message_ids=tuple(str(copy.message_id) for copy in copies),
-            resume_message_id=str(resume.message_id) if resume else None,
-        ),
+    new_checkpoint = replace(
+        checkpoint,
+        parked=None if clears_park else checkpoint.parked,
+        deferred_sequence_numbers=tuple(order),
+        recent_message_ids=recent,
     )
+    new_state = SessionState(new_checkpoint, request)
     await _finish(receiver, locked, new_state, records)
     numbers = tuple(record.sequence_number for record in records)
     return ResubmitResult(
@@ -416,6 +346,18 @@ async def _apply(
         deferred=tuple(order),
         unparked=clears_park,
     )
+
+
+def _clears_park(
+    checkpoint: SessionCheckpoint, records: list[DeadLetteredMessage], skip: bool
+) -> bool:
+    """Return whether the operation resumes the order: it handles the park message."""
+    parked = checkpoint.parked
+    if parked is None:
+        return False
+    if skip:
+        return True
+    return any(record.sequence_number == parked.sequence_number for record in records)
 
 
 async def _finish(
@@ -446,28 +388,6 @@ async def _finish(
             "`dlq purge --order`)",
             error,
         ) from None
-
-
-def _copy_of(record: DeadLetteredMessage, operation: str) -> ServiceBusMessage:
-    if record.body is None:
-        raise DeadLetterToolError(
-            f"message {record.sequence_number} of order {record.order_id} has no data "
-            "body (an AMQP value or sequence), so it cannot be resubmitted; remove it "
-            "with `dlq purge`"
-        )
-    properties = record.user_properties()
-    properties[RESUBMITTED_FROM_PROPERTY] = record.sequence_number
-    properties[ORIGINAL_SEQUENCE_PROPERTY] = record.original_sequence_number
-    properties[OPERATION_PROPERTY] = operation
-    return ServiceBusMessage(
-        record.body,
-        session_id=record.order_id,
-        message_id=record.message_id or None,
-        subject=record.event_type or None,
-        correlation_id=record.correlation_id,
-        content_type=record.content_type,
-        application_properties=properties,
-    )
 
 
 def _resume_message(order_id: str, operation: str) -> ServiceBusMessage:
@@ -540,7 +460,7 @@ async def _deferred_order(
     keys = await _original_numbers(receiver, checkpoint.deferred_sequence_numbers)
     for message in newly_deferred:
         number = int(message.sequence_number or 0)
-        keys[number] = _original_number(message)
+        keys[number] = original_sequence_number(message)
     return sorted(keys, key=lambda number: (keys[number], number))
 
 
@@ -564,50 +484,7 @@ async def _original_numbers(
         for message in page:
             number = int(message.sequence_number or 0)
             if number in remaining:
-                keys[number] = _original_number(message)
+                keys[number] = original_sequence_number(message)
                 remaining.discard(number)
         next_number = max(int(m.sequence_number or 0) for m in page) + 1
     return keys
-
-
-def _original_number(message: ServiceBusReceivedMessage) -> int:
-    properties = text_keys(message.application_properties or {})
-    value = properties.get(ORIGINAL_SEQUENCE_PROPERTY)
-    try:
-        return int(value) if value is not None else int(message.sequence_number or 0)
-    except (TypeError, ValueError):
-        return int(message.sequence_number or 0)
-
-
-async def resubmit_selection(
-    client: ServiceBusClient,
-    settings: Settings,
-    selection: Selection,
-    progress: Any = None,
-) -> list[ResubmitResult | DeadLetterToolError]:
-    """Resubmit every matching dead-lettered message, order by order.
-
-    Orders are processed in the order of their oldest dead-lettered message, and the
-    messages of one order together, oldest first. A failure of one order (locked,
-    rejected) is returned in its place and the other orders go on.
-    """
-    by_order: dict[str, list[int]] = {}
-    for record in await DeadLetterQueue(client, settings).peek(selection):
-        by_order.setdefault(record.order_id, []).append(record.sequence_number)
-    outcomes: list[ResubmitResult | DeadLetterToolError] = []
-    for order_id, numbers in by_order.items():
-        if not order_id:
-            outcomes.append(
-                DeadLetterToolError(
-                    f"dead-lettered messages {numbers} have no session id, so they "
-                    "belong to no order and cannot be resubmitted into one"
-                )
-            )
-            continue
-        try:
-            outcomes.append(await resubmit_order(client, settings, order_id, numbers))
-        except DeadLetterToolError as error:
-            outcomes.append(error)
-        if progress is not None:
-            progress(len(numbers))
-    return outcomes

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
@@ -202,18 +203,9 @@ class _RecordingReceiver:
         self._record = record
 
     def __getattr__(self, name: str) -> Any:
-        # Receiver methods the harness does not watch pass straight through.
+        # Everything but settlement (receive, session state, lock renewal, close)
+        # passes straight through to the memory receiver.
         return getattr(self._inner, name)
-
-    @property
-    def session_id(self) -> str:
-        """Id of the held session."""
-        return self._inner.session_id
-
-    @property
-    def locked_until(self) -> datetime | None:
-        """Always None: memory session locks do not expire."""
-        return self._inner.locked_until
 
     def _mark(self, message: InboundMessage) -> None:
         # The processor logs the settlement after clearing the message's ids, in the
@@ -221,16 +213,6 @@ class _RecordingReceiver:
         structlog.contextvars.bind_contextvars(
             **{DELIVERY_KEY: message.sequence_number}
         )
-
-    async def receive(self, max_wait_s: float) -> InboundMessage | None:
-        """Return the head of the session, or None after `max_wait_s` idle."""
-        return await self._inner.receive(max_wait_s)
-
-    async def receive_deferred(
-        self, sequence_numbers: list[int]
-    ) -> list[InboundMessage]:
-        """Return the deferred messages with these sequence numbers."""
-        return await self._inner.receive_deferred(sequence_numbers)
 
     async def complete(self, message: InboundMessage) -> None:
         """Complete the message and record it."""
@@ -257,45 +239,20 @@ class _RecordingReceiver:
         await self._inner.dead_letter(message, reason, description)
         self._record.add(message, _Settled("dead_letter", reason, description))
 
-    async def get_state(self) -> bytes | None:
-        """Return the session state."""
-        return await self._inner.get_state()
 
-    async def set_state(self, state: bytes | None) -> None:
-        """Replace the session state."""
-        await self._inner.set_state(state)
-
-    async def renew_lock(self) -> datetime:
-        """Renew the (never expiring) memory session lock."""
-        return await self._inner.renew_lock()
-
-    async def close(self) -> None:
-        """Release the session."""
-        await self._inner.close()
-
-
-class _RecordingTransport:
+class _RecordingTransport(MemoryTransport):
     """A memory transport whose session receivers report settlements."""
 
     def __init__(self, broker: MemoryBroker, record: _SettlementRecord) -> None:
-        self._inner = MemoryTransport(broker)
+        super().__init__(broker)
         self._record = record
 
-    @property
-    def entity(self) -> str:
-        """Name of the in-memory entity."""
-        return self._inner.entity
-
-    async def accept_session(self, max_wait_s: float) -> _RecordingReceiver | None:
+    async def accept_session(self, max_wait_s: float) -> Any:
         """Lock the next session with pending messages, or None after `max_wait_s`."""
-        receiver = await self._inner.accept_session(max_wait_s)
+        receiver = await super().accept_session(max_wait_s)
         if receiver is None:
             return None
         return _RecordingReceiver(receiver, self._record)
-
-    async def close(self) -> None:
-        """Nothing to release: the broker outlives its transports."""
-        await self._inner.close()
 
 
 class ConsumerTestHarness:
@@ -419,7 +376,7 @@ class ConsumerTestHarness:
         subject: str | None = None
         correlation_id: str | None = None
         if isinstance(event, dict):
-            body = _json_bytes(event)
+            body = json.dumps(event, separators=(",", ":")).encode("utf-8")
             subject = event.get("eventType")
             payload = event.get("payload")
             if session_id is None and isinstance(payload, dict):
@@ -521,12 +478,6 @@ class ConsumerTestHarness:
             if number in session.deferred:
                 return session.deferred[number]
         return None
-
-
-def _json_bytes(event: dict[str, Any]) -> bytes:
-    import json
-
-    return json.dumps(event, separators=(",", ":")).encode("utf-8")
 
 
 def _logged_for(entry: dict[str, Any]) -> int | None:

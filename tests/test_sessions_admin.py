@@ -10,17 +10,19 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from consumer.checkpoint import ParkRecord, SessionCheckpoint
-from consumer.cli_admin import sessions_cli
+from consumer.cli_admin import (
+    LOCKED_STATUS,
+    PARKED_STATUS,
+    list_parked,
+    sessions_cli,
+)
 from consumer.dlq import open_client
 from consumer.publish import publish_events
 from consumer.sessions_admin import (
-    LOCKED_STATUS,
-    PARKED_STATUS,
     SessionLocked,
     SessionState,
     UnparkRequest,
     hold_session,
-    list_parked,
     unpark,
 )
 from consumer.testing import make_event
@@ -44,6 +46,14 @@ def broker() -> Iterator[RunningBroker]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def parked_broker() -> Iterator[RunningBroker]:
+    """A broker after `payment_rejected_scenario`, for tests that change nothing."""
+    with run_broker(entities=[QUEUE], lock_duration_s=30.0) as running:
+        asyncio.run(payment_rejected_scenario(tool_settings(running.connection_string)))
+        yield running
+
+
 @pytest.fixture
 def cli_env(broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> RunningBroker:
     """A fresh broker that the commands' configuration points at."""
@@ -55,9 +65,10 @@ def invoke(args: list[str]) -> Result:
     return CliRunner().invoke(sessions_cli, args)
 
 
-def test_list_shows_parked_orders(cli_env: RunningBroker) -> None:
-    settings = tool_settings(cli_env.connection_string)
-    asyncio.run(payment_rejected_scenario(settings))
+def test_list_shows_parked_orders(
+    parked_broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_commands_at(parked_broker, monkeypatch)
 
     result = invoke(["list"])
 
@@ -71,9 +82,10 @@ def test_list_shows_parked_orders(cli_env: RunningBroker) -> None:
     assert "2 parked or unchecked order(s)" in result.stdout
 
 
-async def test_list_reports_session_held_by_consumer(broker: RunningBroker) -> None:
-    settings = tool_settings(broker.connection_string)
-    await payment_rejected_scenario(settings)
+async def test_list_reports_session_held_by_consumer(
+    parked_broker: RunningBroker,
+) -> None:
+    settings = tool_settings(parked_broker.connection_string)
 
     async with open_client(settings) as holder, open_client(settings) as lister:
         async with hold_session(holder, settings, "order-a"):
@@ -88,7 +100,7 @@ async def test_list_reports_session_held_by_consumer(broker: RunningBroker) -> N
 def test_unpark_resumes_order_in_sequence(cli_env: RunningBroker) -> None:
     settings = tool_settings(cli_env.connection_string)
     handlers = asyncio.run(payment_rejected_scenario(settings))
-    # A later event arrives while no consumer holds the parked order.
+    # A later event arrives while no consumer has the parked order locked.
     later = make_event("ORDER_DELIVERED", "order-a")
     asyncio.run(publish_events(settings, [later]))
 
@@ -111,6 +123,7 @@ def test_unpark_skip_drops_dead_letter(cli_env: RunningBroker) -> None:
     handlers = asyncio.run(payment_rejected_scenario(settings))
 
     result = invoke(["unpark", "order-a", "--skip"])
+    state = asyncio.run(session_state(settings, "order-a"))
     asyncio.run(consume(settings, handlers))
 
     assert result.exit_code == 0, result.output
@@ -118,21 +131,25 @@ def test_unpark_skip_drops_dead_letter(cli_env: RunningBroker) -> None:
     assert handlers.handled["order-a"] == ["ORDER_CREATED", "ORDER_SHIPPED"]
     remaining = asyncio.run(peek_dead_letters(settings))
     assert [record.order_id for record in remaining] == ["order-b"]
-    state = asyncio.run(session_state(settings, "order-a"))
+    # The tool's record of the request, as read before the consumer ran.
+    assert state.checkpoint.parked is None
     assert state.unpark is not None
     assert state.unpark.skip is True
 
 
-def test_unpark_order_not_parked_fails(cli_env: RunningBroker) -> None:
+def test_unpark_order_not_parked_fails(
+    parked_broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_commands_at(parked_broker, monkeypatch)
+
     result = invoke(["unpark", "order-z"])
 
     assert result.exit_code == 1
     assert "order order-z is not parked" in result.stderr
 
 
-async def test_unpark_held_session_reports_lock(broker: RunningBroker) -> None:
-    settings = tool_settings(broker.connection_string)
-    await payment_rejected_scenario(settings)
+async def test_unpark_held_session_reports_lock(parked_broker: RunningBroker) -> None:
+    settings = tool_settings(parked_broker.connection_string)
 
     async with open_client(settings) as holder, open_client(settings) as tool:
         async with hold_session(holder, settings, "order-a"):
