@@ -87,19 +87,24 @@ class JournalHandler:
     def __init__(self, directory: Path, faults: HandlerFaults) -> None:
         self._faults = faults
         self._pid = os.getpid()
-        self._started_at: dict[tuple[str, int], float] = {}
+        # Start times per message, oldest first. After a lost lock the handler of the
+        # old delivery can still run while the same message is handled again, and
+        # the old one, which started first, usually ends first.
+        self._started_at: dict[tuple[str, int], list[float]] = {}
         path = directory / f"journal-{self._pid}.jsonl"
         self._file: TextIO = path.open("a", encoding="utf-8")
 
     async def mark_start(self, event: Any, ctx: EventContext) -> None:
         """Note when the handlers of this delivery began."""
-        self._started_at[(ctx.message_id, ctx.sequence_number)] = time.time()
+        key = (ctx.message_id, ctx.sequence_number)
+        self._started_at.setdefault(key, []).append(time.time())
 
     async def handle(self, event: Any, ctx: EventContext) -> None:
         """Record the handling of one message, after any planned fault."""
         message_id = ctx.message_id
         key = (message_id, ctx.sequence_number)
         if message_id in self._faults.poison:
+            self._pop_start(key)
             raise DeadLetter(POISON_REASON, f"message {message_id} is poison by plan")
         if message_id in self._faults.flaky and ctx.attempt == 1:
             raise ConnectionError(f"planned first-attempt failure of {message_id}")
@@ -112,12 +117,21 @@ class JournalHandler:
             sequence_number=ctx.sequence_number,
             delivery_count=ctx.delivery_count,
             pid=self._pid,
-            started_at=self._started_at.pop(key, time.time()),
+            started_at=self._pop_start(key),
             at=time.time(),
             slow=slow,
         )
         self._file.write(json.dumps(asdict(entry), separators=(",", ":")) + "\n")
         self._file.flush()
+
+    def _pop_start(self, key: tuple[str, int]) -> float:
+        starts = self._started_at.get(key)
+        if not starts:
+            return time.time()
+        started_at = starts.pop(0)
+        if not starts:
+            del self._started_at[key]
+        return started_at
 
     def close(self) -> None:
         """Close the journal file."""
