@@ -341,22 +341,22 @@ class DeadLetterQueue:
         Raises `DeadLetterToolError` naming the numbers that are no longer there,
         unless `require_all` is False.
         """
-        wanted = set(sequence_numbers)
+        requested = set(sequence_numbers)
         receiver = self._receiver(receive_mode=ServiceBusReceiveMode.PEEK_LOCK)
         try:
             await receiver.__aenter__()
-            held, others = await _receive_until(receiver, wanted)
+            locked_messages, others = await _receive_until(receiver, requested)
         except ServiceBusError as error:
             await receiver.close()
             raise failed(f"locking messages in {self.name}", error) from None
         try:
-            missing = sorted(wanted - set(held))
+            missing = sorted(requested - set(locked_messages))
             if missing and require_all:
                 raise DeadLetterToolError(
                     f"dead-lettered messages {missing} are no longer in "
                     f"{self.name}; list the queue again and retry"
                 )
-            yield Locked(receiver, held)
+            yield Locked(receiver, locked_messages)
         finally:
             with contextlib.suppress(ServiceBusError):
                 # A failed abandon only delays the message until its lock expires.
@@ -436,18 +436,23 @@ class Locked:
     """Dead-lettered messages locked by `DeadLetterQueue.locked`, by sequence number."""
 
     def __init__(
-        self, receiver: ServiceBusReceiver, held: dict[int, ServiceBusReceivedMessage]
+        self,
+        receiver: ServiceBusReceiver,
+        locked_messages: dict[int, ServiceBusReceivedMessage],
     ) -> None:
         self._receiver = receiver
-        self._held = held
+        self._messages = locked_messages
 
     def records(self) -> list[DeadLetteredMessage]:
         """Return the locked messages, oldest first."""
-        return [DeadLetteredMessage.from_sdk(self._held[n]) for n in sorted(self._held)]
+        return [
+            DeadLetteredMessage.from_sdk(self._messages[n])
+            for n in sorted(self._messages)
+        ]
 
     async def complete(self, sequence_number: int) -> None:
         """Remove the locked message with `sequence_number` from the queue."""
-        message = self._held.pop(sequence_number)
+        message = self._messages.pop(sequence_number)
         await self._receiver.complete_message(message)
 
 
@@ -467,12 +472,12 @@ async def _peek_all(
 
 
 async def _receive_until(
-    receiver: ServiceBusReceiver, wanted: set[int]
+    receiver: ServiceBusReceiver, requested: set[int]
 ) -> tuple[dict[int, ServiceBusReceivedMessage], list[ServiceBusReceivedMessage]]:
-    """Receive until every number in `wanted` is locked or the queue runs dry."""
-    held: dict[int, ServiceBusReceivedMessage] = {}
+    """Receive until every number in `requested` is locked or the queue runs dry."""
+    locked_messages: dict[int, ServiceBusReceivedMessage] = {}
     others: list[ServiceBusReceivedMessage] = []
-    while len(held) < len(wanted):
+    while len(locked_messages) < len(requested):
         batch = await receiver.receive_messages(
             max_message_count=PAGE_SIZE, max_wait_time=RECEIVE_WAIT_S
         )
@@ -480,8 +485,8 @@ async def _receive_until(
             break
         for message in batch:
             number = int(message.sequence_number or 0)
-            if number in wanted:
-                held[number] = message
+            if number in requested:
+                locked_messages[number] = message
             else:
                 others.append(message)
-    return held, others
+    return locked_messages, others

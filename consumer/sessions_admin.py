@@ -89,7 +89,8 @@ class UnparkRequest:
     """The `unpark` record a tool writes into the session state next to the checkpoint.
 
     The processor needs none of it to resume the order, because the tool already
-    arranged the deferred list. It records for an operator what the tool did.
+    arranged the deferred list. It records for an operator what the tool did, and the
+    processor removes it once the deferred list is handled.
     """
 
     requested_at: str
