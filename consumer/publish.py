@@ -41,6 +41,7 @@ from consumer.config import Settings
 from consumer.errors import ConsumerError, TransportError
 from consumer.events import Event, event_to_json
 from consumer.redact import redact
+from consumer.tracing import inject_traceparent
 
 CONTENT_TYPE = "application/json"
 
@@ -137,6 +138,11 @@ def build_message(
         metadata.get("correlationId") if isinstance(metadata, Mapping) else None
     )
 
+    # An explicit traceparent wins; otherwise the active OpenTelemetry span, if any,
+    # is continued so the consumer's span joins the producer's trace.
+    trace_properties = (
+        {"traceparent": traceparent} if traceparent else inject_traceparent()
+    )
     body = json.dumps(data, separators=(",", ":")).encode("utf-8")
     return ServiceBusMessage(
         body,
@@ -145,7 +151,7 @@ def build_message(
         subject=event_type,
         correlation_id=correlation_id if isinstance(correlation_id, str) else None,
         content_type=CONTENT_TYPE,
-        application_properties={"traceparent": traceparent} if traceparent else None,
+        application_properties=trace_properties or None,
     )
 
 

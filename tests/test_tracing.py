@@ -179,3 +179,28 @@ def test_injected_headers_round_trip(recorder: Recorder) -> None:
     publish, process = recorder.spans()
     assert process.context.trace_id == publish.context.trace_id
     assert process.parent.span_id == publish.context.span_id
+
+
+def test_published_message_carries_active_trace(recorder: Recorder) -> None:
+    from consumer.generate import generate_stream
+    from consumer.publish import build_message
+
+    event = generate_stream(1, seed=3)[0]
+    with span_for_message(
+        {"traceparent": TRACEPARENT}, "publish", tracer_provider=recorder.provider
+    ):
+        message = build_message(event)
+
+    properties = message.application_properties or {}
+    traceparent = properties.get("traceparent")
+    assert isinstance(traceparent, str)
+    assert traceparent.split("-")[1] == TRACE_ID
+
+
+def test_published_message_without_span_has_no_trace() -> None:
+    from consumer.generate import generate_stream
+    from consumer.publish import build_message
+
+    message = build_message(generate_stream(1, seed=3)[0])
+
+    assert "traceparent" not in (message.application_properties or {})
