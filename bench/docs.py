@@ -90,6 +90,7 @@ def plot_scaling(figures: dict[str, Any], path: Path) -> None:
         values = [figures[level][kind]["messages_per_s"] for level in levels]
         axes.plot([int(level) for level in levels], values, marker=marker, label=kind)
     axes.set_xscale("log", base=2)
+    axes.set_xticks([int(level) for level in levels], levels)
     axes.set_xlabel("max concurrent sessions")
     axes.set_ylabel("messages/s (handler awaits 20 ms)")
     axes.set_title("Throughput vs concurrency")

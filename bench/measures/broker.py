@@ -40,27 +40,37 @@ async def run_pair(
 ) -> dict[str, dict[str, Any]]:
     """Run ours, then the baseline, on a preloaded `workload` and return the results.
 
-    With `profile`, our consumer runs under pyinstrument and writes its profile to
-    `profile` inside the context's profile folder.
+    With `profile` and a profile folder in the context, our consumer then runs the
+    workload once more under pyinstrument and writes the profile to that file name.
+    The profiled run is not part of the figures, because the profiler slows it down.
     """
     results: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
-        entity = context.next_entity()
-        profile_path = None
-        if profile and kind == "ours" and context.profile_dir is not None:
-            profile_path = str(context.profile_dir / profile)
-        spec = WorkerSpec(
-            kind=kind,
-            entity=entity,
-            expected=workload.messages,
-            concurrency=workload.concurrency,
-            idle_timeout_s=context.sizes.idle_timeout_s,
-            handler_delay_s=workload.handler_delay_s,
-            profile_path=profile_path,
-        )
-        messages = order_messages(workload.orders, workload.events_per_order, entity)
-        results[kind] = await run_child(context, spec, preload=messages)
+        results[kind] = await _run_one(context, workload, kind)
+    if profile and context.profile_dir is not None:
+        profile_path = str(context.profile_dir / profile)
+        await _run_one(context, workload, "ours", profile_path)
     return results
+
+
+async def _run_one(
+    context: BenchContext,
+    workload: Workload,
+    kind: str,
+    profile_path: str | None = None,
+) -> dict[str, Any]:
+    entity = context.next_entity()
+    spec = WorkerSpec(
+        kind=kind,
+        entity=entity,
+        expected=workload.messages,
+        concurrency=workload.concurrency,
+        idle_timeout_s=context.sizes.idle_timeout_s,
+        handler_delay_s=workload.handler_delay_s,
+        profile_path=profile_path,
+    )
+    messages = order_messages(workload.orders, workload.events_per_order, entity)
+    return await run_child(context, spec, preload=messages)
 
 
 def _summary(result: dict[str, Any], orders: int) -> dict[str, Any]:
