@@ -20,8 +20,8 @@ ENTITY = "orders.regression.events"
 
 @pytest.mark.xfail(
     strict=True,
-    reason="SessionSupply accepts up to 4 sessions ahead of the workers and never "
-    "renews their locks, so with a 2 s lock the sessions waiting behind a busy "
+    reason="SessionSupply accepts standby_sessions sessions ahead of the workers and "
+    "never renews their locks, so with a 2 s lock the sessions waiting behind a busy "
     "worker expire, are closed and accepted again, and the consumer stops making "
     "progress",
 )
