@@ -14,13 +14,16 @@ whitespace of at most 128 characters. Fields that a model does not declare are k
 from __future__ import annotations
 
 import json
+import math
 import re
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -38,6 +41,19 @@ SUPPORTED_MAJOR_VERSIONS = frozenset({1})
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 DEFAULT_MAX_DEPTH = 32
 MAX_DESCRIPTION_CHARS = 1000
+_ISO_DATE_PREFIX = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def _require_iso_text(value: Any) -> Any:
+    # Lax pydantic would read a number or a string of digits as Unix time.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _ISO_DATE_PREFIX.match(value):
+        raise ValueError("must be an ISO 8601 date-time string with a UTC offset")
+    return value
+
+
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_require_iso_text)]
 
 # The largest difference accepted between totalAmount and the sum of quantity * price:
 # one hundredth of a currency unit, so that rounding to cents by the producer passes.
@@ -196,7 +212,7 @@ class OrderShippedPayload(Payload):
 class OrderDeliveredPayload(Payload):
     """The carrier delivered the order at `deliveredAt`."""
 
-    delivered_at: AwareDatetime
+    delivered_at: IsoDatetime
 
 
 class CustomerNotifiedPayload(Payload):
@@ -221,7 +237,7 @@ class Event(_Model, Generic[PayloadT]):
     """Envelope common to all event types; subclasses fix `eventType` and payload."""
 
     event_type: str
-    timestamp: AwareDatetime
+    timestamp: IsoDatetime
     version: str
     payload: PayloadT
     metadata: Metadata
@@ -383,6 +399,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_finite_float(literal: str) -> float:
+    # json.loads turns a literal past the double range, such as 1e400, into inf.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_preview(literal)} is outside the range of a double")
+    return value
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -426,6 +450,7 @@ def decode_body(
         value = json.loads(
             text,
             parse_constant=_reject_constant,
+            parse_float=_parse_finite_float,
             object_pairs_hook=_reject_duplicate_keys,
         )
     except ValueError as error:
