@@ -107,6 +107,7 @@ class ConsumerApp:
             self._processor.stop()
         removers = self._install_signal_handlers()
         log.info("consumer_started", entity=self._entity, **self._run_summary())
+        self._warn_about_handler_timeout()
         try:
             await self._processor.run(until_idle_s)
         finally:
@@ -128,6 +129,28 @@ class ConsumerApp:
             "prefetch_count": self.settings.prefetch_count,
             "event_types": sorted(self.router.event_types),
         }
+
+    def _warn_about_handler_timeout(self) -> None:
+        """Warn when a handler may outlive the session lock before it times out.
+
+        Settings validation rejects a retry budget longer than a positive
+        `max_lock_renewal_s`, so this fires when renewal is off (0) or the limit is
+        shorter than one handler call.
+        """
+        timeout_s = self.settings.handler_timeout_s
+        limit_s = self.settings.max_lock_renewal_s
+        if limit_s > 0 and timeout_s <= limit_s:
+            return
+        log.warning(
+            "handler_timeout_exceeds_lock_renewal",
+            handler_timeout_s=timeout_s,
+            max_lock_renewal_s=limit_s,
+            detail=(
+                "a handler running longer than the lock renewal limit loses the "
+                "session lock and its message is delivered again; lower "
+                "handler_timeout_s or raise max_lock_renewal_s"
+            ),
+        )
 
     def _install_signal_handlers(self) -> list[Callable[[], None]]:
         if threading.current_thread() is not threading.main_thread():

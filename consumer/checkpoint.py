@@ -19,6 +19,15 @@ STATE_VERSION = 1
 # Producer retries that repeat a message id usually land close together, so a short
 # window catches them while keeping the session state small.
 MAX_RECENT_MESSAGE_IDS = 64
+CHECKPOINT_KEYS = frozenset(
+    {
+        "version",
+        "lastSequenceNumber",
+        "recentMessageIds",
+        "deferredSequenceNumbers",
+        "parked",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -43,6 +52,10 @@ class SessionCheckpoint:
     recent_message_ids: tuple[str, ...] = ()
     parked: ParkRecord | None = None
     deferred_sequence_numbers: tuple[int, ...] = field(default=())
+    # Top-level keys other tools wrote into the same JSON document (the `unpark`
+    # record of `consumer.sessions_admin`), as JSON text, written back unchanged.
+    # They take no part in equality, because they describe requests, not progress.
+    other_keys: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def is_handled(self, message: InboundMessage) -> bool:
         """Return whether the handlers of `message` already finished.
@@ -90,9 +103,21 @@ class SessionCheckpoint:
         )
         return replace(self, deferred_sequence_numbers=numbers)
 
+    def without_key(self, key: str) -> SessionCheckpoint:
+        """Return the checkpoint without the other tool's top-level `key`."""
+        kept = tuple(item for item in self.other_keys if item[0] != key)
+        return replace(self, other_keys=kept)
+
+    def has_key(self, key: str) -> bool:
+        """Return whether another tool's top-level `key` is in the state."""
+        return any(name == key for name, _ in self.other_keys)
+
     def encode(self) -> bytes:
-        """Return the state as UTF-8 JSON for `set_state`."""
+        """Return the state as UTF-8 JSON for `set_state`, other keys included."""
         document: dict[str, Any] = {
+            name: json.loads(text) for name, text in self.other_keys
+        }
+        document |= {
             "version": STATE_VERSION,
             "lastSequenceNumber": self.last_sequence_number,
             "recentMessageIds": list(self.recent_message_ids),
@@ -119,7 +144,13 @@ class SessionCheckpoint:
         try:
             document = json.loads(state.decode("utf-8"))
             return cls._from_document(document)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        except (
+            UnicodeDecodeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as error:
             raise CheckpointError(
                 f"session state is not a version {STATE_VERSION} checkpoint: {error}"
             ) from error
@@ -137,6 +168,11 @@ class SessionCheckpoint:
                 reason=str(parked["reason"]),
                 description=str(parked["description"]),
             )
+        other_keys = tuple(
+            (str(name), json.dumps(value, separators=(",", ":")))
+            for name, value in document.items()
+            if name not in CHECKPOINT_KEYS
+        )
         return cls(
             last_sequence_number=int(document["lastSequenceNumber"]),
             recent_message_ids=tuple(str(i) for i in document["recentMessageIds"]),
@@ -144,4 +180,5 @@ class SessionCheckpoint:
             deferred_sequence_numbers=tuple(
                 int(number) for number in document["deferredSequenceNumbers"]
             ),
+            other_keys=other_keys,
         )

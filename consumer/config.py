@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     handler_timeout_s: float = Field(default=60.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_disconnected_s: float = Field(default=120.0, gt=0)
+    # Retries inside azure-servicebus for each operation (connect, receive, settle,
+    # session state), on top of the consumer's own reconnect loop. The defaults are
+    # those of azure-servicebus 7.15.0. With them a refused connection fails after
+    # about 11 s, measured against a closed port of 127.0.0.1.
+    transport_retry_attempts: int = Field(default=3, ge=0, le=100)
+    transport_retry_backoff_s: float = Field(default=0.8, ge=0)
+    transport_retry_max_backoff_s: float = Field(default=120.0, ge=0)
 
     # Input limits, applied before JSON parsing.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)

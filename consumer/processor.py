@@ -39,6 +39,10 @@ Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 # The key of the request record `orders-consumer sessions unpark` writes into the
 # session state. The processor keeps it until the deferred messages are handled.
 UNPARK_KEY = "unpark"
+# While another accepted session waits for a worker, a session with no message
+# within this many seconds is released. A receive that finds a queued message returns
+# at once, so the wait costs time only at the end of an order.
+YIELD_WAIT_S = 0.1
 
 
 async def _unless_set(
@@ -60,6 +64,17 @@ async def _unless_set(
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return False, None
+
+
+def _is_older_copy(checkpoint: SessionCheckpoint, message: InboundMessage) -> bool:
+    """Return whether `message` is a resubmitted copy the order already moved past.
+
+    An unpark or a resubmit by the tools defers its copies and lists them in the
+    session state, so they arrive through `receive_deferred`. A copy that arrives
+    as an active message was sent some other way.
+    """
+    original = message.original_sequence_number
+    return original is not None and original < checkpoint.last_sequence_number
 
 
 class BrokerUnavailable(TransportError):
@@ -296,33 +311,31 @@ class SessionProcessor:
         held.checkpoint = await self._load_checkpoint(held)
         if not await self._resume_deferred(held):
             return
-        idle_s = self._settings.session_idle_timeout_s
-        last_sequence_number: int | None = None
         while not self._stopping.is_set() and not held.lock_lost.is_set():
-            if last_sequence_number is not None and await self._should_yield(
-                held, last_sequence_number
-            ):
-                return
-            message = await self._receive_unless_stopping(held, idle_s)
+            message = await self._receive_next(held)
             if message is None:
                 return
             if not await self._handle(held, message):
                 return
-            last_sequence_number = message.sequence_number
 
-    async def _should_yield(self, held: HeldSession, sequence_number: int) -> bool:
-        """Return whether to release a session with nothing queued while others wait.
+    async def _receive_next(self, held: HeldSession) -> InboundMessage | None:
+        """Return the session's next message, or None when the worker should release.
 
         The idle timeout keeps a session for messages still to come. When another
         session is accepted and waiting, holding an empty one only delays it, so the
-        worker releases the session at once. A later message makes it available again.
+        worker waits at most `YIELD_WAIT_S` first. A later message makes the session
+        available again.
         """
-        if not self._supply.has_waiting():
-            return False
-        if await held.receiver.has_messages_after(sequence_number):
-            return False
-        log.debug("session_yielded", order_id=held.session_id)
-        return True
+        idle_s = self._settings.session_idle_timeout_s
+        if not self._supply.has_waiting() or idle_s <= YIELD_WAIT_S:
+            return await self._receive_unless_stopping(held, idle_s)
+        message = await self._receive_unless_stopping(held, YIELD_WAIT_S)
+        if message is not None:
+            return message
+        if self._supply.has_waiting():
+            log.debug("session_yielded", order_id=held.session_id)
+            return None
+        return await self._receive_unless_stopping(held, idle_s - YIELD_WAIT_S)
 
     async def _receive_unless_stopping(
         self, held: HeldSession, idle_s: float
@@ -352,16 +365,31 @@ class SessionProcessor:
         return checkpoint
 
     async def _resume_deferred(self, held: HeldSession) -> bool:
-        """Handle the deferred messages of an unparked order, oldest first.
+        """Handle the deferred messages of an unparked order, then clear the request.
 
-        Return False when the session must be released (lock lost, or one of them
-        failed again).
+        The deferred list is in the order to run: the unpark tool puts the copy of
+        the dead-lettered message first, then the messages deferred while the order
+        was parked, in their original sequence order. Newer active messages run
+        after this returns. Return False when the session must be released (lock
+        lost, or one of them failed again).
         """
         checkpoint = held.checkpoint
-        if checkpoint.parked is not None or not checkpoint.deferred_sequence_numbers:
+        if checkpoint.parked is not None:
             return True
-        numbers = list(checkpoint.deferred_sequence_numbers)
+        if not await self._handle_deferred(held):
+            return False
+        if held.checkpoint.has_key(UNPARK_KEY):
+            held.checkpoint = held.checkpoint.without_key(UNPARK_KEY)
+            await self._save_checkpoint(held)
+            log.info("order_unparked", order_id=held.session_id)
+        return True
+
+    async def _handle_deferred(self, held: HeldSession) -> bool:
+        numbers = list(held.checkpoint.deferred_sequence_numbers)
+        if not numbers:
+            return True
         messages = await held.receiver.receive_deferred(numbers)
+        await self._forget_missing(held, numbers, messages)
         log.info("order_resuming", order_id=held.session_id, deferred=len(messages))
         for message in messages:
             if self._stopping.is_set():
@@ -374,6 +402,25 @@ class SessionProcessor:
                 # Parked again: the rest stays deferred, still listed in the state.
                 return False
         return True
+
+    async def _forget_missing(
+        self, held: HeldSession, numbers: list[int], messages: list[InboundMessage]
+    ) -> None:
+        # A deferred message can leave the session without the processor, for
+        # example when its time to live expires. Keeping its number would make every
+        # later accept ask for it again.
+        found = {message.sequence_number for message in messages}
+        missing = [number for number in numbers if number not in found]
+        if not missing:
+            return
+        log.error(
+            "deferred_messages_missing",
+            order_id=held.session_id,
+            sequence_numbers=missing,
+        )
+        for number in missing:
+            held.checkpoint = held.checkpoint.without_deferred(number)
+        await self._save_checkpoint(held)
 
     async def _save_checkpoint(self, held: HeldSession) -> None:
         await held.receiver.set_state(held.checkpoint.encode())
@@ -423,6 +470,11 @@ class SessionProcessor:
                 return settlement.duplicate()
             if not deferred and checkpoint.is_handled(message):
                 return settlement.duplicate()
+            if not deferred and _is_older_copy(checkpoint, message):
+                return settlement.out_of_order(
+                    message.original_sequence_number or 0,
+                    checkpoint.last_sequence_number,
+                )
         if checkpoint.parked is not None:
             if message.sequence_number == checkpoint.parked.sequence_number:
                 # The state records the park but the dead-letter never happened
@@ -487,3 +539,7 @@ class SessionProcessor:
             await asyncio.shield(held.receiver.abandon(message))
         except TransportError as error:
             log.warning("abandon_failed", error=log_exception_text(error))
+            return
+        event_type = event_type_label(message.subject)
+        self._metrics.messages_abandoned.labels(self._entity, event_type).inc()
+        log.warning("message_abandoned", reason="handler cancelled on shutdown")

@@ -17,6 +17,8 @@ Every path through the processor ends in exactly one of these outcomes:
 | the entity's max delivery count             | dead-letter | MaxRetriesExceeded   |
 | retries exhausted otherwise                 | abandon     |                      |
 | the order's session is parked               | defer       |                      |
+| a resubmitted copy of a message older than  |             |                      |
+| the checkpoint, sent outside an unpark      | dead-letter | OutOfOrder           |
 
 A lost session lock is not in the table: the worker settles nothing and stops.
 """
@@ -44,6 +46,7 @@ SCHEMA_VALIDATION_FAILED = "SchemaValidationFailed"
 UNKNOWN_EVENT_TYPE = "UnknownEventType"
 SESSION_MISMATCH = "SessionMismatch"
 MAX_RETRIES_EXCEEDED = "MaxRetriesExceeded"
+OUT_OF_ORDER = "OutOfOrder"
 
 
 class Action(StrEnum):
@@ -134,6 +137,23 @@ def session_mismatch(order_id: str, session_id: str) -> Settlement:
     return dead_lettered(
         SESSION_MISMATCH,
         f"payload.orderId {order_id!r} differs from the session id {session_id!r}",
+    )
+
+
+def out_of_order(
+    original_sequence_number: int, last_sequence_number: int
+) -> Settlement:
+    """Dead-letter a resubmitted copy that would run after later messages of its order.
+
+    Running it would apply an old event on top of newer ones, so an operator must
+    decide what to do with it.
+    """
+    return dead_lettered(
+        OUT_OF_ORDER,
+        f"resubmitted copy of sequence number {original_sequence_number} arrived "
+        f"after the order's checkpoint at sequence number {last_sequence_number}; "
+        "resubmit it with `orders-consumer sessions unpark` while the order is "
+        "parked, or handle it by hand",
     )
 
 

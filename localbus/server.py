@@ -124,6 +124,10 @@ class BrokerHandler(Handler):
         log.info("broker_stopping")
         if self._timer is not None:
             self._timer.cancel()
+        if self.acceptor is not None:
+            # Stopping the container leaves the listening socket open, so clients
+            # would still connect to a broker that no longer answers.
+            self.acceptor.close()
         if self.injector is not None:
             self.injector.close()
         assert self._container is not None

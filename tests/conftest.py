@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from consumer.app import ConsumerApp
 from consumer.config import Settings
 from consumer.events import EVENT_TYPES
 from consumer.routing import EventContext
+from consumer.transport import InboundMessage, SessionReceiver, Transport
 
 # NOTE: after runs with many sessions, a few sockets and asyncio stream writers of
 # azure-servicebus 7.15.0 connections are garbage-collected after the test's event loop
@@ -204,3 +205,90 @@ def settings_for(connection_string: str, **overrides: Any) -> Settings:
 async def consume(app: ConsumerApp, until_idle_s: float = 1.0) -> None:
     """Run `app` in batch mode, failing the test if it does not end in 60 s."""
     await asyncio.wait_for(app.run(until_idle_s=until_idle_s), timeout=60)
+
+
+# Fault injection at the transport seam --------------------------------------------
+
+# Called before a message is completed, with the session receiver and the message.
+CompleteHook = Callable[[SessionReceiver, InboundMessage], Awaitable[None]]
+
+
+@dataclass
+class FaultyTransport:
+    """The real Azure transport, with a hook that runs before each complete.
+
+    `before_complete` can wait for the lock to expire or restart the broker, so that
+    the complete that follows fails the way it would in production. `received`
+    records each received message as (message id, delivery count), and `settled`
+    each settlement call as (message id, action).
+    """
+
+    inner: Transport
+    before_complete: CompleteHook | None = None
+    accepts: int = 0
+    received: list[tuple[str, int]] = field(default_factory=list)
+    settled: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def entity(self) -> str:
+        """Entity of the wrapped transport."""
+        return self.inner.entity
+
+    async def accept_session(self, max_wait_s: float) -> SessionReceiver | None:
+        """Accept through the wrapped transport and wrap the receiver."""
+        self.accepts += 1
+        receiver = await self.inner.accept_session(max_wait_s)
+        if receiver is None:
+            return None
+        return FaultyReceiver(receiver, self)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        """Close the wrapped transport."""
+        await self.inner.close()
+
+
+class FaultyReceiver:
+    """A session receiver that reports to its `FaultyTransport`."""
+
+    def __init__(self, inner: SessionReceiver, owner: FaultyTransport) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def session_id(self) -> str:
+        """Id of the wrapped session."""
+        return self._inner.session_id
+
+    @property
+    def locked_until(self) -> Any:
+        """Lock expiry of the wrapped session."""
+        return self._inner.locked_until
+
+    async def receive(self, max_wait_s: float) -> InboundMessage | None:
+        """Receive through the wrapped receiver and record the delivery count."""
+        message = await self._inner.receive(max_wait_s)
+        if message is not None:
+            self._owner.received.append((message.message_id, message.delivery_count))
+        return message
+
+    async def complete(self, message: InboundMessage) -> None:
+        """Run the hook, then complete through the wrapped receiver."""
+        if self._owner.before_complete is not None:
+            await self._owner.before_complete(self._inner, message)
+        self._owner.settled.append((message.message_id, "complete"))
+        await self._inner.complete(message)
+
+    async def abandon(self, message: InboundMessage) -> None:
+        """Record and abandon through the wrapped receiver."""
+        self._owner.settled.append((message.message_id, "abandon"))
+        await self._inner.abandon(message)
+
+
+def faulty_transport(settings: Settings) -> FaultyTransport:
+    """Return a `FaultyTransport` around the Azure transport for `settings`."""
+    from consumer.transport.azure import AzureTransport
+
+    return FaultyTransport(AzureTransport(settings))

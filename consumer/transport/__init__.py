@@ -32,6 +32,9 @@ class InboundMessage:
     correlation_id: str | None
     subject: str | None
     handle: Any  # the transport's own message object, passed back to settle it
+    # Set on copies that `orders-consumer dlq resubmit` or `sessions unpark` sent:
+    # the sequence number of the message first published, which fixes its place.
+    original_sequence_number: int | None = None
 
 
 class SessionReceiver(Protocol):

@@ -25,6 +25,7 @@ from azure.servicebus.exceptions import (
 )
 
 from consumer.config import Settings
+from consumer.dlq import ORIGINAL_SEQUENCE_PROPERTY
 from consumer.errors import SessionLockLost, TransportError
 from consumer.redact import redact
 from consumer.transport import InboundMessage
@@ -43,6 +44,18 @@ def _message_body(message: ServiceBusReceivedMessage) -> bytes | None:
     return b"".join(bytes(section) for section in message.body)
 
 
+def _original_sequence_number(message: ServiceBusReceivedMessage) -> int | None:
+    for key, value in (message.application_properties or {}).items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name != ORIGINAL_SEQUENCE_PROPERTY:
+            continue
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def _to_inbound(message: ServiceBusReceivedMessage, session_id: str) -> InboundMessage:
     return InboundMessage(
         body=_message_body(message),
@@ -54,6 +67,7 @@ def _to_inbound(message: ServiceBusReceivedMessage, session_id: str) -> InboundM
         correlation_id=message.correlation_id,
         subject=message.subject,
         handle=message,
+        original_sequence_number=_original_sequence_number(message),
     )
 
 
@@ -200,10 +214,15 @@ class AzureTransport:
         self._closing: set[asyncio.Task[None]] = set()
 
     def _create_client(self, settings: Settings) -> ServiceBusClient:
+        retries: dict[str, Any] = {
+            "retry_total": settings.transport_retry_attempts,
+            "retry_backoff_factor": settings.transport_retry_backoff_s,
+            "retry_backoff_max": settings.transport_retry_max_backoff_s,
+        }
         if settings.connection_string is not None:
             try:
                 return ServiceBusClient.from_connection_string(
-                    settings.connection_string.get_secret_value()
+                    settings.connection_string.get_secret_value(), **retries
                 )
             except ValueError as error:
                 raise TransportError(
@@ -214,7 +233,7 @@ class AzureTransport:
 
         self._credential = DefaultAzureCredential()
         namespace = str(settings.fully_qualified_namespace)
-        return ServiceBusClient(namespace, credential=self._credential)
+        return ServiceBusClient(namespace, credential=self._credential, **retries)
 
     @property
     def entity(self) -> str:
