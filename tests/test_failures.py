@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 
 from consumer.app import ConsumerApp
+from consumer.config import Settings
+from consumer.dlq import DeadLetterQueue, open_client
 from consumer.errors import DeadLetter, PermanentError
 from consumer.events import EVENT_TYPES
 from consumer.generate import generate_stream
 from consumer.routing import EventContext
+from consumer.sessions_admin import SessionState, hold_session, read_state, unpark
 from tests.conftest import (
     MAX_DELIVERY_COUNT,
     SDK_SOCKET_LEAKS,
@@ -80,6 +83,12 @@ async def test_bad_bodies_reach_dead_letter_queue(broker: Any) -> None:
     for item in found.values():
         assert item["description"]
     assert recorder.handled[good[0].session_id] == [item.message_id for item in good]
+
+
+def install_everywhere(app: ConsumerApp, handler: Any) -> None:
+    """Register `handler` for every known event type."""
+    for event_type in EVENT_TYPES:
+        app.router.add_handler(event_type, handler)
 
 
 class FailingHandler:
@@ -251,3 +260,81 @@ async def test_stop_lets_in_flight_handler_finish(broker: Any) -> None:
         )
         == 0
     )
+
+
+class FailOnce:
+    """Raises `DeadLetter` the first time it sees `message_id`, then records calls."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        self.failed = False
+        self.handled: list[str] = []
+
+    async def __call__(self, event: Any, ctx: EventContext) -> None:
+        if ctx.message_id == self.message_id and not self.failed:
+            self.failed = True
+            raise DeadLetter("PaymentRejected", "card issuer declined")
+        self.handled.append(ctx.message_id)
+
+
+async def read_session_state(settings: Settings, order_id: str) -> SessionState:
+    async with open_client(settings) as client:
+        async with hold_session(client, settings, order_id) as receiver:
+            return await read_state(receiver)
+
+
+async def test_unpark_runs_copy_then_deferred(broker: Any) -> None:
+    messages = [outgoing_event(e, f"m{i}") for i, e in enumerate(one_order()[:4])]
+    order_id = messages[0].session_id
+    await publish(broker.connection_string, messages)
+    settings = settings_for(broker.connection_string, poison_policy="park")
+    handler = FailOnce("m1")
+    app = ConsumerApp(settings)
+    install_everywhere(app, handler)
+    await consume(app)
+    parked = await read_session_state(settings, order_id)
+
+    async with open_client(settings) as client:
+        result = await unpark(client, settings, order_id)
+    requested = await read_session_state(settings, order_id)
+    resumed = ConsumerApp(settings)
+    install_everywhere(resumed, handler)
+    await consume(resumed)
+    final = await read_session_state(settings, order_id)
+
+    assert parked.checkpoint.parked is not None
+    assert len(parked.checkpoint.deferred_sequence_numbers) == 2
+    assert result.unparked
+    assert requested.unpark is not None
+    # The copy of m1 runs first, then the messages deferred while parked.
+    assert handler.handled == ["m0", "m1", "m2", "m3"]
+    assert final.checkpoint.parked is None
+    assert final.checkpoint.deferred_sequence_numbers == ()
+    assert final.unpark is None
+    assert await dead_letters(broker.connection_string) == []
+
+
+async def test_resubmit_behind_checkpoint_is_out_of_order(broker: Any) -> None:
+    messages = [outgoing_event(e, f"m{i}") for i, e in enumerate(one_order()[:3])]
+    await publish(broker.connection_string, messages)
+    settings = settings_for(broker.connection_string, poison_policy="continue")
+    handler = FailOnce("m1")
+    app = ConsumerApp(settings)
+    install_everywhere(app, handler)
+    await consume(app)
+
+    # Send the dead-lettered m1 back with a plain sender, as a script would.
+    async with open_client(settings) as client:
+        [record] = await DeadLetterQueue(client, settings).peek()
+        async with client.get_queue_sender(settings.entity_name) as sender:
+            await sender.send_messages(record.resubmit_copy({}))
+    again = ConsumerApp(settings)
+    install_everywhere(again, handler)
+    await consume(again)
+
+    assert handler.handled == ["m0", "m2"]
+    found = await dead_letters(broker.connection_string)
+    reasons = sorted((item["message_id"], item["reason"]) for item in found)
+    assert reasons == [("m1", "OutOfOrder"), ("m1", "PaymentRejected")]
+    [late] = [item for item in found if item["reason"] == "OutOfOrder"]
+    assert str(record.sequence_number) in late["description"]
