@@ -12,9 +12,6 @@ import asyncio
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TypeVar
 
 import structlog
 
@@ -22,6 +19,7 @@ from consumer import settlement
 from consumer.checkpoint import CheckpointError, ParkRecord, SessionCheckpoint
 from consumer.config import Settings
 from consumer.errors import SessionLockLost, TransportError
+from consumer.held_session import HeldSession, is_older_copy, unless_set
 from consumer.logs import log_exception_text, message_context
 from consumer.metrics import ConsumerMetrics, event_type_label
 from consumer.settlement import Outcome, Settlement
@@ -30,7 +28,6 @@ from consumer.transport.renewal import renew_session_lock
 from consumer.transport.supply import SessionSupply
 
 log = structlog.get_logger("orders_consumer.processor")
-T = TypeVar("T")
 
 # Pipeline: the app's parse-and-handle step. It returns the settlement to apply and
 # must watch the event it is given, which is set once the session lock is lost.
@@ -39,66 +36,10 @@ Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 # The key of the request record `orders-consumer sessions unpark` writes into the
 # session state. The processor keeps it until the deferred messages are handled.
 UNPARK_KEY = "unpark"
-# While another accepted session waits for a worker, a session with no message
-# within this many seconds is released. A receive that finds a queued message returns
-# at once, so the wait costs time only at the end of an order.
-YIELD_WAIT_S = 0.1
-
-
-async def _unless_set(
-    operation: Awaitable[T], *events: asyncio.Event
-) -> tuple[bool, T | None]:
-    """Await `operation` unless one of `events` is set first, which cancels it.
-
-    Return whether the operation finished, and its result (None when cancelled).
-    """
-    task = asyncio.ensure_future(operation)
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    if task.done():
-        return True, task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return False, None
-
-
-def _is_older_copy(checkpoint: SessionCheckpoint, message: InboundMessage) -> bool:
-    """Return whether `message` is a resubmitted copy the order already moved past.
-
-    An unpark or a resubmit by the tools defers its copies and lists them in the
-    session state, so they arrive through `receive_deferred`. A copy that arrives
-    as an active message was sent some other way.
-    """
-    original = message.original_sequence_number
-    return original is not None and original < checkpoint.last_sequence_number
 
 
 class BrokerUnavailable(TransportError):
     """No session could be accepted for longer than `max_disconnected_s`."""
-
-
-@dataclass
-class HeldSession:
-    """A session this process holds, with the worker's view of its state."""
-
-    receiver: SessionReceiver
-    lock_lost: asyncio.Event = field(default_factory=asyncio.Event)
-    checkpoint: SessionCheckpoint = field(default_factory=SessionCheckpoint)
-    message_started_at: float | None = None
-
-    @property
-    def session_id(self) -> str:
-        """Id of the session, which is the order id."""
-        return self.receiver.session_id
-
-    def lock_expired(self) -> bool:
-        """Return whether the lock expiry reported by the broker has passed."""
-        locked_until = self.receiver.locked_until
-        return locked_until is not None and locked_until <= datetime.now(UTC)
 
 
 class SessionProcessor:
@@ -226,7 +167,7 @@ class SessionProcessor:
 
     async def _run_worker(self) -> None:
         while not self._stopping.is_set():
-            done, receiver = await _unless_set(self._supply.take(), self._stopping)
+            done, receiver = await unless_set(self._supply.take(), self._stopping)
             if receiver is None:
                 return
             await self._hold(receiver)
@@ -311,31 +252,35 @@ class SessionProcessor:
         held.checkpoint = await self._load_checkpoint(held)
         if not await self._resume_deferred(held):
             return
+        idle_s = self._settings.session_idle_timeout_s
+        last_sequence_number: int | None = None
         while not self._stopping.is_set() and not held.lock_lost.is_set():
-            message = await self._receive_next(held)
+            if last_sequence_number is not None and await self._should_yield(
+                held, last_sequence_number
+            ):
+                return
+            message = await self._receive_unless_stopping(held, idle_s)
             if message is None:
                 return
             if not await self._handle(held, message):
                 return
+            last_sequence_number = message.sequence_number
 
-    async def _receive_next(self, held: HeldSession) -> InboundMessage | None:
-        """Return the session's next message, or None when the worker should release.
+    async def _should_yield(self, held: HeldSession, sequence_number: int) -> bool:
+        """Return whether to release a session with nothing queued while others wait.
 
         The idle timeout keeps a session for messages still to come. When another
         session is accepted and waiting, holding an empty one only delays it, so the
-        worker waits at most `YIELD_WAIT_S` first. A later message makes the session
-        available again.
+        worker releases the session at once. A later message makes it available again.
+        A peek costs one round trip, while an empty receive took at least 0.2 s with
+        azure-servicebus 7.15.0 whatever its `max_wait_time`, so the peek decides.
         """
-        idle_s = self._settings.session_idle_timeout_s
-        if not self._supply.has_waiting() or idle_s <= YIELD_WAIT_S:
-            return await self._receive_unless_stopping(held, idle_s)
-        message = await self._receive_unless_stopping(held, YIELD_WAIT_S)
-        if message is not None:
-            return message
-        if self._supply.has_waiting():
-            log.debug("session_yielded", order_id=held.session_id)
-            return None
-        return await self._receive_unless_stopping(held, idle_s - YIELD_WAIT_S)
+        if not self._supply.has_waiting():
+            return False
+        if await held.receiver.has_messages_after(sequence_number):
+            return False
+        log.debug("session_yielded", order_id=held.session_id)
+        return True
 
     async def _receive_unless_stopping(
         self, held: HeldSession, idle_s: float
@@ -343,7 +288,7 @@ class SessionProcessor:
         # Draining or lock lost: a message that arrives after the receive is cancelled
         # stays unsettled and returns to the broker when the receiver closes.
         receive = held.receiver.receive(idle_s)
-        _, message = await _unless_set(receive, self._stopping, held.lock_lost)
+        _, message = await unless_set(receive, self._stopping, held.lock_lost)
         return message
 
     async def _load_checkpoint(self, held: HeldSession) -> SessionCheckpoint:
@@ -470,7 +415,7 @@ class SessionProcessor:
                 return settlement.duplicate()
             if not deferred and checkpoint.is_handled(message):
                 return settlement.duplicate()
-            if not deferred and _is_older_copy(checkpoint, message):
+            if not deferred and is_older_copy(checkpoint, message):
                 return settlement.out_of_order(
                     message.original_sequence_number or 0,
                     checkpoint.last_sequence_number,

@@ -126,7 +126,7 @@ class BrokerHandler(Handler):
             self._timer.cancel()
         if self.acceptor is not None:
             # Stopping the container leaves the listening socket open, so clients
-            # would still connect to a broker that no longer answers.
+            # would still connect to a broker that no longer responds.
             self.acceptor.close()
         if self.injector is not None:
             self.injector.close()

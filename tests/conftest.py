@@ -202,9 +202,11 @@ def settings_for(connection_string: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-async def consume(app: ConsumerApp, until_idle_s: float = 1.0) -> None:
-    """Run `app` in batch mode, failing the test if it does not end in 60 s."""
-    await asyncio.wait_for(app.run(until_idle_s=until_idle_s), timeout=60)
+async def consume(
+    app: ConsumerApp, until_idle_s: float = 1.0, timeout_s: float = 60.0
+) -> None:
+    """Run `app` in batch mode, failing the test if it does not end in `timeout_s`."""
+    await asyncio.wait_for(app.run(until_idle_s=until_idle_s), timeout=timeout_s)
 
 
 # Fault injection at the transport seam --------------------------------------------

@@ -263,7 +263,7 @@ async def test_stop_lets_in_flight_handler_finish(broker: Any) -> None:
 
 
 class FailOnce:
-    """Raises `DeadLetter` the first time it sees `message_id`, then records calls."""
+    """A handler that raises `DeadLetter` on its first call for `message_id` only."""
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
