@@ -117,7 +117,7 @@ def plot_turnover(figures: dict[str, Any], path: Path) -> None:
     axes.bar([p - width / 2 for p in positions], ours, width, label="ours")
     axes.bar([p + width / 2 for p in positions], baseline, width, label="baseline")
     axes.set_xticks(list(positions))
-    axes.set_xticklabels([name.replace("_", " ") + " orders" for name in names])
+    axes.set_xticklabels([name.replace("_", "-") + " orders" for name in names])
     axes.set_ylabel("orders/s")
     axes.set_title("Session turnover vs baseline")
     axes.legend()

@@ -1,4 +1,4 @@
-"""What a benchmark child process records while it consumes.
+"""Records that a benchmark child process keeps while it consumes.
 
 `Recorder` counts completed messages, and optionally their enqueue-to-completion
 latency and the process RSS at given counts. `TimingTransport` wraps our consumer's
@@ -48,7 +48,7 @@ class SessionTimes:
 
 @dataclass
 class Recorder:
-    """Progress of one consumer run; `done` is set at `expected` completions."""
+    """Progress of one consumer run. `done` is set at `expected` completions."""
 
     expected: int
     record_latency: bool = False
@@ -103,7 +103,7 @@ class TimingReceiver:
         return self._inner.locked_until
 
     async def receive(self, max_wait_s: float) -> InboundMessage | None:
-        """Receive like the wrapped receiver; an empty receive counts as idle wait."""
+        """Receive like the wrapped receiver. An empty receive counts as idle wait."""
         message, seconds = await timed(self._inner.receive(max_wait_s))
         if message is None:
             self._recorder.times.idle_s += seconds
@@ -136,7 +136,7 @@ class TimingTransport:
         return self._inner.entity
 
     async def accept_session(self, max_wait_s: float) -> TimingReceiver | None:
-        """Accept like the wrapped transport; only accepts that got a session count."""
+        """Accept like the wrapped transport. Only accepts that got a session count."""
         receiver, seconds = await timed(self._inner.accept_session(max_wait_s))
         if receiver is None:
             return None

@@ -1,4 +1,4 @@
-"""Turn the figures of a benchmark run into tables, the summary keys and plots."""
+"""Turn the figures of a benchmark run into tables and summary keys."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def summary_keys(figures: dict[str, Any]) -> dict[str, float]:
 
 
 def throughput_table(figures: dict[str, Any]) -> Table:
-    """Messages per second and CPU per 1,000 messages, ours against the baseline."""
+    """Build the table of messages/s and CPU per 1,000 messages, ours and baseline."""
     rows = []
     for level, item in sorted(figures.items(), key=lambda pair: int(pair[0])):
         ours, baseline = item["ours"], item["baseline"]
@@ -108,7 +108,7 @@ def throughput_table(figures: dict[str, Any]) -> Table:
 
 
 def turnover_table(figures: dict[str, Any]) -> Table:
-    """Orders per second, ours against the baseline."""
+    """Build the table of orders per second, ours against the baseline."""
     rows = []
     for item in figures.values():
         rows.append(
@@ -125,7 +125,7 @@ def turnover_table(figures: dict[str, Any]) -> Table:
 
 
 def breakdown_table(figures: dict[str, Any]) -> Table:
-    """Seconds per session by phase for the single-event turnover run."""
+    """Build the table of seconds per session by phase, single-event turnover run."""
     item = figures["1_event"]
     phases = ("accept", "receive", "settle", "idle", "close", "broker_cpu")
     rows = []
@@ -143,7 +143,7 @@ def breakdown_table(figures: dict[str, Any]) -> Table:
 
 
 def scaling_table(figures: dict[str, Any]) -> Table:
-    """Messages per second with a 20 ms handler by concurrency level."""
+    """Build the table of messages per second with a 20 ms handler by concurrency."""
     rows = []
     for level, item in sorted(figures.items(), key=lambda pair: int(pair[0])):
         ours, baseline = item["ours"], item["baseline"]
@@ -173,7 +173,7 @@ def scaling_table(figures: dict[str, Any]) -> Table:
 
 
 def latency_table(figures: dict[str, Any]) -> Table:
-    """Enqueue-to-completion latency at a steady publish rate."""
+    """Build the table of enqueue-to-completion latency at a steady publish rate."""
     rows = []
     for kind in ("ours", "baseline"):
         item = figures[kind]
@@ -194,7 +194,7 @@ def latency_table(figures: dict[str, Any]) -> Table:
 
 
 def overhead_table(figures: dict[str, Any]) -> Table:
-    """Microseconds per message on in-memory sessions against the bare loop."""
+    """Build the table of microseconds per message, in memory against the bare loop."""
     row = (
         str(figures["messages"]),
         _number(figures["ours_us_per_message"]),
@@ -206,7 +206,7 @@ def overhead_table(figures: dict[str, Any]) -> Table:
 
 
 def memory_table(figures: dict[str, Any]) -> Table:
-    """RSS of the consumer process at the two checkpoints."""
+    """Build the table of the consumer process RSS at the two checkpoints."""
     first, last = figures["first_messages"], figures["last_messages"]
     rss = figures["rss_mb"]
     row = (

@@ -6,7 +6,7 @@ Starts the local broker as a subprocess on a free port of 127.0.0.1, runs every
 measure, prints one table per measure and optionally writes all figures as JSON. The
 JSON leads with `turnover_ratio`, `throughput_ratio_1`, `throughput_ratio_32`,
 `scaling_32_over_1`, `overhead_ratio` and `rss_growth_mb`. `--docs` also writes
-`docs/benchmarks.md` results and the plots under `docs/img/`.
+the results section of `docs/benchmarks.md` and the plots under `docs/img/`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile-dir",
         type=Path,
-        help="profile our consumer in the throughput runs (pyinstrument text output)",
+        help="also run our consumer once per throughput level under pyinstrument "
+        "and write its text profile into this folder",
     )
     return parser
 

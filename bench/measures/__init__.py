@@ -1,1 +1,1 @@
-"""One module per benchmark measure; `common` starts and reads the child runs."""
+"""One module per benchmark measure. `common` starts the child runs and reads them."""

@@ -33,7 +33,7 @@ from consumer.testing import make_event
 from consumer.transport.memory import MemoryBroker, MemoryTransport
 
 CONCURRENCY = 8
-# Each side runs this often; the fastest run counts, as the floor.
+# Each side runs this often, and the fastest run counts as the floor.
 REPEATS = 3
 # The idle timeouts only matter once the last session is empty.
 MEMORY_SETTINGS: dict[str, Any] = {
