@@ -146,7 +146,9 @@ class SessionProcessor:
             await asyncio.sleep(interval_s)
             self._set_health("beat")
             now = time.monotonic()
-            if self._held or self._supply.has_waiting():
+            # A session still closing may have messages left, and the broker offers
+            # it again only after the close, so batch mode does not count it idle.
+            if self._held or self._supply.has_waiting() or self._closing:
                 self._last_activity = now
             empty_since = self._supply.empty_since
             idle = empty_since is not None and until_idle_s is not None

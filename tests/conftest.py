@@ -8,6 +8,7 @@ message.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -179,6 +180,16 @@ def broker() -> Iterator[Any]:
         max_delivery_count=MAX_DELIVERY_COUNT,
     ) as running:
         yield running
+    collect_sdk_leaks()
+
+
+def collect_sdk_leaks() -> None:
+    """Collect leaked SDK sockets now, so their warnings stay with this test.
+
+    Otherwise the garbage collector may run during a later test that does not
+    ignore them, often in another module on the same xdist worker.
+    """
+    gc.collect()
 
 
 def settings_for(connection_string: str, **overrides: Any) -> Settings:

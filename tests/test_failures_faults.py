@@ -32,6 +32,7 @@ from tests.conftest import (
     QUEUE,
     SDK_SOCKET_LEAKS,
     Recorder,
+    collect_sdk_leaks,
     consume,
     dead_letters,
     faulty_transport,
@@ -57,6 +58,7 @@ def short_lock_broker() -> Iterator[RunningBroker]:
         max_delivery_count=MAX_DELIVERY_COUNT,
     ) as running:
         yield running
+    collect_sdk_leaks()
 
 
 def three_messages() -> list[Any]:
@@ -97,8 +99,11 @@ async def test_lock_expiry_during_handler_settles_nothing(
 
     install(app, outlive_lock_once)
 
-    await consume(app)
+    with capture_logs() as logs:
+        await consume(app, until_idle_s=SHORT_LOCK_S * 3)
 
+    events = [entry["event"] for entry in logs]
+    assert "handler_timeout_exceeds_lock_renewal" in events
     handled_ids = [message_id for message_id, _ in calls]
     assert handled_ids == ["m0", "m1", "m1", "m2"]
     # The first run of m1 finished after the lock expired: nothing was settled for
@@ -136,7 +141,7 @@ async def test_checkpoint_skips_handlers_after_lock_expiry(
     recorder = Recorder()
     recorder.install(app)
 
-    await consume(app)
+    await consume(app, until_idle_s=SHORT_LOCK_S * 3)
 
     session_id = messages[0].session_id
     assert recorder.handled[session_id] == ["m0", "m1", "m2"]
@@ -162,6 +167,7 @@ def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
         data_dir=tmp_path / "broker",
     ) as running:
         yield running
+    collect_sdk_leaks()
 
 
 async def test_dropped_connection_before_complete(

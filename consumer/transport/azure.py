@@ -8,7 +8,7 @@ removed from the message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -101,6 +101,11 @@ class AzureSessionReceiver:
     def __init__(self, receiver: ServiceBusReceiver) -> None:
         self._receiver = receiver
         self._session_id = str(receiver.session.session_id)
+        # The lock renewer and the worker share one management link. Under load the
+        # local broker closed connections of azure-servicebus 7.15.0 with "sequencing
+        # error, expected delivery-id 6, got 5", and concurrent requests on that link
+        # are the likely cause, so management requests go one at a time.
+        self._management = asyncio.Lock()
 
     @property
     def session_id(self) -> str:
@@ -116,6 +121,11 @@ class AzureSessionReceiver:
         async with _translated_errors(action, self._session_id):
             return await operation
 
+    async def _request(self, action: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Send one management request, after any other one on this receiver."""
+        async with self._management:
+            return await self._call(action, operation())
+
     async def receive(self, max_wait_s: float) -> InboundMessage | None:
         """Return the next message of the session, or None after `max_wait_s` idle."""
         messages = await self._call(
@@ -130,9 +140,9 @@ class AzureSessionReceiver:
 
     async def has_messages_after(self, sequence_number: int) -> bool:
         """Return whether an active or deferred message follows this sequence number."""
-        peeked = await self._call(
+        peeked = await self._request(
             "peek",
-            self._receiver.peek_messages(
+            lambda: self._receiver.peek_messages(
                 max_message_count=1, sequence_number=sequence_number + 1
             ),
         )
@@ -144,9 +154,9 @@ class AzureSessionReceiver:
         """Return deferred messages of this session in `sequence_numbers` order."""
         if not sequence_numbers:
             return []
-        messages = await self._call(
+        messages = await self._request(
             "receive_deferred",
-            self._receiver.receive_deferred_messages(sequence_numbers),
+            lambda: self._receiver.receive_deferred_messages(sequence_numbers),
         )
         inbound = [_to_inbound(message, self._session_id) for message in messages]
         position = {number: index for index, number in enumerate(sequence_numbers)}
@@ -177,16 +187,18 @@ class AzureSessionReceiver:
 
     async def get_state(self) -> bytes | None:
         """Return the session state, or None when none was set."""
-        state = await self._call("get_state", self._receiver.session.get_state())
+        state = await self._request("get_state", self._receiver.session.get_state)
         return bytes(state) if state else None
 
     async def set_state(self, state: bytes | None) -> None:
         """Replace the session state."""
-        await self._call("set_state", self._receiver.session.set_state(state))
+        await self._request(
+            "set_state", lambda: self._receiver.session.set_state(state)
+        )
 
     async def renew_lock(self) -> datetime:
         """Extend the session lock and return its new expiry."""
-        return await self._call("renew_lock", self._receiver.session.renew_lock())
+        return await self._request("renew_lock", self._receiver.session.renew_lock)
 
     async def close(self) -> None:
         """Release the session; unsettled messages return to the broker in order.
