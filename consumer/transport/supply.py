@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from consumer.errors import TransportError
 from consumer.logs import RateLimiter, log_exception_text
 from consumer.metrics import ConsumerMetrics
 from consumer.transport import SessionReceiver, Transport
@@ -28,6 +29,8 @@ RECONNECT_MAX_BACKOFF_S = 10.0
 # An accept in flight at stop ends within accept_timeout_s; past this extra margin
 # the drain goes on without it.
 STOP_MARGIN_S = 2.0
+# Shortest wait between two renewals of a waiting session's lock.
+STANDBY_RENEW_MIN_S = 0.2
 # Repeated connection errors are logged once per this interval, with a count.
 ERROR_LOG_INTERVAL_S = 30.0
 
@@ -57,6 +60,8 @@ class SessionSupply:
         self._capacity = held + standby
         self._budget = asyncio.Semaphore(self._capacity)
         self._ready: asyncio.Queue[SessionReceiver] = asyncio.Queue()
+        # Renewal tasks of the sessions waiting in `_ready`, so no standby lock lapses.
+        self._keepers: dict[int, asyncio.Task[None]] = {}
         self._acceptors: list[asyncio.Task[None]] = []
         self._accepting: set[asyncio.Task[Any] | None] = set()
         self._stopped = False
@@ -78,13 +83,29 @@ class SessionSupply:
         return not self._ready.empty()
 
     async def take(self) -> SessionReceiver:
-        """Return the next accepted session whose lock has not expired."""
+        """Return the next accepted session, its lock renewed for the worker.
+
+        Standby sessions are not renewed while they wait, so a lock can be close to
+        expiry when a worker takes it. Renewing here gives the worker a full lock
+        duration before its own background renewal starts; a session whose lock is
+        already gone is closed and the next one is tried.
+        """
         while True:
             receiver = await self._ready.get()
+            await self._stop_keeping(receiver)
             locked_until = receiver.locked_until
             if locked_until is None or locked_until > datetime.now(UTC):
-                return receiver
-            log.warning("standby_session_expired", order_id=receiver.session_id)
+                try:
+                    await receiver.renew_lock()
+                    return receiver
+                except TransportError as error:
+                    log.warning(
+                        "standby_session_renewal_failed",
+                        order_id=receiver.session_id,
+                        error=log_exception_text(error),
+                    )
+            else:
+                log.warning("standby_session_expired", order_id=receiver.session_id)
             await self._close_quietly(receiver)
             self.release()
 
@@ -109,7 +130,34 @@ class SessionSupply:
             if pending:
                 log.warning("accept_stop_timed_out", accepts=len(pending))
         while not self._ready.empty():
-            await self._close_quietly(self._ready.get_nowait())
+            receiver = self._ready.get_nowait()
+            await self._stop_keeping(receiver)
+            await self._close_quietly(receiver)
+
+    async def _keep_locked(self, receiver: SessionReceiver) -> None:
+        """Renew a waiting session's lock at half its remaining time until taken."""
+        while True:
+            locked_until = receiver.locked_until
+            if locked_until is None:
+                return
+            remaining_s = (locked_until - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(remaining_s / 2, STANDBY_RENEW_MIN_S))
+            try:
+                await receiver.renew_lock()
+            except TransportError as error:
+                log.warning(
+                    "standby_session_renewal_failed",
+                    order_id=receiver.session_id,
+                    error=log_exception_text(error),
+                )
+                return
+
+    async def _stop_keeping(self, receiver: SessionReceiver) -> None:
+        task = self._keepers.pop(id(receiver), None)
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _accept_loop(self) -> None:
         backoff_s = RECONNECT_BACKOFF_S
@@ -140,6 +188,9 @@ class SessionSupply:
                 continue
             self.empty_since = None
             self._metrics.sessions_accepted.labels(self._transport.entity).inc()
+            self._keepers[id(receiver)] = asyncio.create_task(
+                self._keep_locked(receiver), name=f"standby-{receiver.session_id}"
+            )
             self._ready.put_nowait(receiver)
 
     def _on_connected(self) -> None:

@@ -18,13 +18,6 @@ from localbus.testing import run_broker
 ENTITY = "orders.regression.events"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SessionSupply accepts standby_sessions sessions ahead of the workers and "
-    "never renews their locks, so with a 2 s lock the sessions waiting behind a busy "
-    "worker expire, are closed and accepted again, and the consumer stops making "
-    "progress",
-)
 async def test_short_lock_consumer_keeps_progressing() -> None:
     events = [
         event
