@@ -31,3 +31,17 @@ async def test_readme_examples_run() -> None:
 
     assert len(tests) == 1
     await tests[0]()
+
+
+async def test_readme_handler_dead_letters_unsupported_country() -> None:
+    handler_block, _ = python_blocks()
+    namespace: dict[str, Any] = {}
+    exec(compile(handler_block, str(README), "exec"), namespace)
+    from consumer.testing import ConsumerTestHarness, make_event
+
+    harness = ConsumerTestHarness(namespace["app"])
+    event = make_event("ORDER_CREATED", "order-2")
+    event["payload"]["shippingAddress"]["country"] = "BR"
+    result = await harness.deliver(event)
+
+    assert result.dead_lettered_with("UnsupportedCountry")
