@@ -162,7 +162,10 @@ async def test_poison_message_dead_lettered(broker: Any, policy: str) -> None:
     assert [item["message_id"] for item in found] == ["m1"]
     assert found[0]["reason"] == "MaxRetriesExceeded"
     assert found[0]["description"].startswith("ConnectionError: downstream")
-    assert handler.attempts["m1"] == MAX_DELIVERY_COUNT
+    # One attempt per delivery. A delivery can also end unseen: when a receive
+    # times out just as the message arrives, closing the receiver returns it and
+    # the broker counts the delivery, which happened on a loaded 2-core machine.
+    assert 1 <= handler.attempts["m1"] <= MAX_DELIVERY_COUNT
     later = [item.message_id for item in messages[2:]]
     if policy == "park":
         assert handler.handled == ["m0"]
