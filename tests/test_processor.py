@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import handlers
 from consumer.app import ConsumerApp
 from consumer.generate import generate_stream
+from handlers.reference import project_stream
 from tests.conftest import (
     SDK_SOCKET_LEAKS,
     Outgoing,
@@ -23,10 +27,20 @@ from tests.conftest import (
 pytestmark = [pytest.mark.slow, SDK_SOCKET_LEAKS]
 
 
+STREAM_SEED = 11
+
+
+def without_message_ids(projections: dict[str, Any]) -> dict[str, Any]:
+    return {
+        order_id: replace(projection, last_message_id=None)
+        for order_id, projection in projections.items()
+    }
+
+
 @pytest.fixture(scope="module")
 def stream() -> list[Outgoing]:
     """500 generated orders, fixed seed, message id = position in the stream."""
-    return numbered(generate_stream(500, seed=11))
+    return numbered(generate_stream(500, seed=STREAM_SEED))
 
 
 # At concurrency 1 every message costs a receive, a session-state write, a complete
@@ -36,7 +50,7 @@ def stream() -> list[Outgoing]:
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("concurrency", [1, 8, 32])
 async def test_stream_handled_once_in_order(
-    broker: Any, stream: list[Outgoing], concurrency: int
+    broker: Any, stream: list[Outgoing], concurrency: int, tmp_path: Path
 ) -> None:
     await publish(broker.connection_string, stream)
     app = ConsumerApp(
@@ -44,12 +58,22 @@ async def test_stream_handled_once_in_order(
             broker.connection_string,
             max_concurrent_sessions=concurrency,
             session_idle_timeout_s=0.05,
+            store_path=str(tmp_path / "projections.sqlite3"),
         )
     )
     recorder = Recorder()
     recorder.install(app)
+    store = handlers.install(app)
 
-    await consume(app, until_idle_s=1.0, timeout_s=360)
+    try:
+        await consume(app, until_idle_s=1.0, timeout_s=360)
+        projections = store.all()
+    finally:
+        store.close()
+
+    # Message ids here are stream positions, the reference's are content hashes.
+    reference = project_stream(generate_stream(500, seed=STREAM_SEED))
+    assert without_message_ids(projections) == without_message_ids(reference)
 
     expected = expected_order(stream)
     assert recorder.calls == len(stream)
