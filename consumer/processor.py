@@ -23,6 +23,7 @@ from consumer.held_session import HeldSession, is_older_copy, unless_set
 from consumer.logs import log_exception_text, message_context
 from consumer.metrics import ConsumerMetrics, event_type_label
 from consumer.settlement import Outcome, Settlement
+from consumer.tracing import span_for_message
 from consumer.transport import InboundMessage, SessionReceiver, Transport
 from consumer.transport.renewal import renew_session_lock
 from consumer.transport.supply import SessionSupply
@@ -383,13 +384,23 @@ class SessionProcessor:
         event_type = event_type_label(message.subject)
         self._metrics.messages_received.labels(self._entity, event_type).inc()
         held.message_started_at = time.monotonic()
-        with message_context(
-            order_id=held.session_id,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            event_type=message.subject,
-            delivery_count=message.delivery_count,
-            sequence_number=message.sequence_number,
+        with (
+            span_for_message(
+                message.application_properties,
+                f"{self._entity} process",
+                {
+                    "messaging.message.id": message.message_id,
+                    "order.id": held.session_id,
+                },
+            ),
+            message_context(
+                order_id=held.session_id,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                event_type=message.subject,
+                delivery_count=message.delivery_count,
+                sequence_number=message.sequence_number,
+            ),
         ):
             try:
                 decided = await self._decide(held, message, deferred)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +206,51 @@ def test_published_message_without_span_has_no_trace() -> None:
     message = build_message(generate_stream(1, seed=3)[0])
 
     assert "traceparent" not in (message.application_properties or {})
+
+
+async def test_handled_message_continues_trace(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    import consumer.processor
+    from consumer.app import ConsumerApp
+    from consumer.config import Settings
+    from consumer.generate import generate_stream
+    from consumer.transport.memory import MemoryBroker, MemoryTransport
+
+    monkeypatch.setattr(
+        consumer.processor,
+        "span_for_message",
+        functools.partial(span_for_message, tracer_provider=recorder.provider),
+    )
+    broker = MemoryBroker("orders.trace.events")
+    event = generate_stream(1, seed=4)[0]
+    await broker.send(
+        json.dumps(event).encode(),
+        session_id=event["payload"]["orderId"],
+        message_id="m-1",
+        subject=event["eventType"],
+        application_properties={"traceparent": TRACEPARENT},
+    )
+    settings = Settings(
+        connection_string="Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;"
+        "SharedAccessKey=unused",
+        entity="orders.trace.events",
+        session_idle_timeout_s=0.05,
+        accept_timeout_s=0.05,
+        metrics_port=0,
+    )
+    app = ConsumerApp(settings, transport=MemoryTransport(broker))
+    app.router.add_handler(event["eventType"], _noop_handler)
+
+    await asyncio.wait_for(app.run(until_idle_s=0.3), timeout=30)
+
+    [finished] = recorder.spans()
+    assert format(finished.context.trace_id, "032x") == TRACE_ID
+    assert format(finished.parent.span_id, "016x") == PARENT_SPAN_ID
+    assert finished.attributes["messaging.message.id"] == "m-1"
+
+
+async def _noop_handler(event: Any, ctx: Any) -> None:
+    return None

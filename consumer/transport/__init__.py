@@ -8,6 +8,7 @@ state, renew the session lock and close. `consumer.transport.azure` implements t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ class InboundMessage:
     # Set on copies that `orders-consumer dlq resubmit` or `sessions unpark` sent:
     # the sequence number of the message first published, which fixes its place.
     original_sequence_number: int | None = None
+    # Application properties, read for W3C trace context (traceparent, Diagnostic-Id).
+    application_properties: Mapping[Any, Any] | None = None
 
 
 class SessionReceiver(Protocol):

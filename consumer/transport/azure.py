@@ -68,6 +68,7 @@ def _to_inbound(message: ServiceBusReceivedMessage, session_id: str) -> InboundM
         subject=message.subject,
         handle=message,
         original_sequence_number=_original_sequence_number(message),
+        application_properties=message.application_properties,
     )
 
 

@@ -35,6 +35,7 @@ class StoredMessage:
     deferred: bool = False
     dead_letter_reason: str | None = None
     dead_letter_description: str | None = None
+    application_properties: dict[str, Any] | None = None
 
 
 @dataclass
@@ -66,6 +67,7 @@ class MemoryBroker:
         message_id: str,
         subject: str | None = None,
         correlation_id: str | None = None,
+        application_properties: dict[str, Any] | None = None,
     ) -> int:
         """Append a message to `session_id` and return its sequence number."""
         number = next(self._sequence)
@@ -77,6 +79,7 @@ class MemoryBroker:
             correlation_id,
             number,
             datetime.now(UTC),
+            application_properties=application_properties,
         )
         self.sessions[session_id].pending.append(message)
         async with self._changed:
@@ -135,6 +138,7 @@ class MemorySessionReceiver:
             correlation_id=message.correlation_id,
             subject=message.subject,
             handle=message.sequence_number,
+            application_properties=message.application_properties,
         )
 
     def _take(self, message: InboundMessage) -> StoredMessage:
