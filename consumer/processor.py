@@ -63,6 +63,9 @@ class SessionProcessor:
         self._pipeline = pipeline
         self._settings = settings
         self._metrics = metrics
+        # Orders this replica has seen parked and not yet resumed: the sessions_parked
+        # gauge. A parked order that no replica has accepted since a restart is missing.
+        self._parked_orders: set[str] = set()
         self._health = health
         self._entity = transport.entity
         self._stopping = asyncio.Event()
@@ -309,7 +312,7 @@ class SessionProcessor:
             )
             return SessionCheckpoint()
         if checkpoint.parked is not None:
-            self._metrics.sessions_parked.labels(self._entity).inc()
+            self._track_parked(held.session_id, parked=True)
         return checkpoint
 
     async def _resume_deferred(self, held: HeldSession) -> bool:
@@ -329,6 +332,7 @@ class SessionProcessor:
         if held.checkpoint.has_key(UNPARK_KEY):
             held.checkpoint = held.checkpoint.without_key(UNPARK_KEY)
             await self._save_checkpoint(held)
+            self._track_parked(held.session_id, parked=False)
             log.info("order_unparked", order_id=held.session_id)
         return True
 
@@ -482,9 +486,17 @@ class SessionProcessor:
             reason=decided.reason,
             description=decided.description,
         )
-        self._metrics.sessions_parked.labels(self._entity).inc()
+        self._track_parked(held.session_id, parked=True)
         log.warning("session_parked", order_id=held.session_id, reason=decided.reason)
         return held.checkpoint.park(record)
+
+    def _track_parked(self, order_id: str, *, parked: bool) -> None:
+        if parked:
+            self._parked_orders.add(order_id)
+        else:
+            self._parked_orders.discard(order_id)
+        gauge = self._metrics.sessions_parked.labels(self._entity)
+        gauge.set(len(self._parked_orders))
 
     async def _abandon_on_cancel(
         self, held: HeldSession, message: InboundMessage

@@ -65,6 +65,9 @@ class SessionSupply:
         self._acceptors: list[asyncio.Task[None]] = []
         self._accepting: set[asyncio.Task[Any] | None] = set()
         self._stopped = False
+        # Set by an accept failure and cleared, counting a reconnect, by the next
+        # accept that reaches the broker.
+        self._disconnected = False
         self._limiter = RateLimiter(interval_s=ERROR_LOG_INTERVAL_S)
         self.last_connected_at = time.monotonic()
         # Start of the first accept that found no session since the last one that
@@ -194,12 +197,17 @@ class SessionSupply:
             self._ready.put_nowait(receiver)
 
     def _on_connected(self) -> None:
+        if self._disconnected:
+            self._disconnected = False
+            self._metrics.reconnects.labels(self._transport.entity).inc()
+            log.info("connection_restored", entity=self._transport.entity)
         self.last_connected_at = time.monotonic()
         self._metrics.connection_up.labels(self._transport.entity).set(1)
         if self._health is not None:
             self._health.set_connected(True)  # type: ignore[attr-defined]
 
     def _on_error(self, error: Exception) -> None:
+        self._disconnected = True
         self._metrics.connection_up.labels(self._transport.entity).set(0)
         if self._health is not None:
             self._health.set_connected(False)  # type: ignore[attr-defined]
