@@ -260,21 +260,23 @@ def send_batched(
 ) -> PublishResult:
     """Send `messages` in order, in batches of at most `max_batch_bytes`.
 
-    The default limit is the sender link's maximum message size. A batch is sent when
-    the next message does not fit, or has another session id and
-    `one_session_per_batch` is set. Transient errors are retried per batch, and any
-    other `ServiceBusError` propagates.
+    The default limit is the sender link's maximum message size. A new batch starts
+    when the next message does not fit, or has another session id and
+    `one_session_per_batch` is set. A message too large for an empty batch raises
+    `InvalidEventError` before any batch is sent. Transient errors are retried per
+    batch, and any other `ServiceBusError` propagates.
     """
     batcher = _Batcher(retry or SendRetryPolicy(), one_session_per_batch)
-    batch = sender.create_message_batch(max_batch_bytes)
+    # Every batch is filled before the first send, so a message that fits no batch
+    # raises before anything of the input is on the queue.
+    batches = [sender.create_message_batch(max_batch_bytes)]
     for message in messages:
-        if batcher.try_add(batch, message):
-            continue
-        _send_sync(sender, batch, batcher)
-        batch = sender.create_message_batch(max_batch_bytes)
-        batcher.try_add(batch, message)
-    if len(batch):
-        _send_sync(sender, batch, batcher)
+        if not batcher.try_add(batches[-1], message):
+            batches.append(sender.create_message_batch(max_batch_bytes))
+            batcher.try_add(batches[-1], message)
+    for batch in batches:
+        if len(batch):
+            _send_sync(sender, batch, batcher)
     return batcher.result()
 
 
@@ -305,15 +307,14 @@ async def send_batched_async(
 ) -> PublishResult:
     """Send `messages` like `send_batched`, on an `azure.servicebus.aio` sender."""
     batcher = _Batcher(retry or SendRetryPolicy(), one_session_per_batch)
-    batch = await sender.create_message_batch(max_batch_bytes)
+    batches = [await sender.create_message_batch(max_batch_bytes)]
     for message in messages:
-        if batcher.try_add(batch, message):
-            continue
-        await _send_async(sender, batch, batcher)
-        batch = await sender.create_message_batch(max_batch_bytes)
-        batcher.try_add(batch, message)
-    if len(batch):
-        await _send_async(sender, batch, batcher)
+        if not batcher.try_add(batches[-1], message):
+            batches.append(await sender.create_message_batch(max_batch_bytes))
+            batcher.try_add(batches[-1], message)
+    for batch in batches:
+        if len(batch):
+            await _send_async(sender, batch, batcher)
     return batcher.result()
 
 

@@ -365,6 +365,30 @@ def test_sync_publish_returns_count(broker: Any, events: list[dict[str, Any]]) -
     assert sum(len(v) for v in received.values()) == len(one_order)
 
 
+def test_oversized_message_sends_nothing(
+    broker: Any, events: list[dict[str, Any]]
+) -> None:
+    first = events[0]
+    big = dict(events[1], note="x" * 4000)
+    messages = build_messages([first, big])
+
+    with pytest.raises(InvalidEventError, match="does not fit in an empty batch"):
+        publish_messages_sync(
+            settings_for(broker, SYNC_QUEUE), messages, max_batch_bytes=2048
+        )
+
+    # Expect no message of the first order, then check that no session has any.
+    received = asyncio.run(
+        receive_sessions(
+            broker.connection_string,
+            SYNC_QUEUE,
+            {first["payload"]["orderId"]: 0},
+            check_empty=True,
+        )
+    )
+    assert sum(len(v) for v in received.values()) == 0
+
+
 def test_message_too_large_for_batch(broker: Any, events: list[dict[str, Any]]) -> None:
     big = dict(events[0], note="x" * 4000)
     messages = build_messages([big])
