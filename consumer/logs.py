@@ -11,8 +11,9 @@ Log level per outcome (event names are snake_case verbs):
 | outcome                                   | level     | example event           |
 |-------------------------------------------|-----------|-------------------------|
 | message handled and completed             | debug     | message_completed       |
-| duplicate skipped, session accepted       | debug     | message_skipped         |
+| session accepted                          | debug     | session_accepted        |
 | start, stop, message ignored or deferred  | info      | message_deferred        |
+| duplicate skipped (id or checkpoint)      | info      | message_skipped         |
 | handler attempt failed, retry follows     | warning   | handler_retried         |
 | message abandoned for redelivery          | warning   | message_abandoned       |
 | message dead-lettered                     | error     | message_dead_lettered   |

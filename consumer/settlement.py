@@ -215,7 +215,7 @@ def record(
         log.debug("message_completed")
     elif outcome is Outcome.DUPLICATE:
         metrics.messages_duplicate.labels(*labels).inc()
-        log.debug("message_skipped", reason="already handled")
+        log.info("message_skipped", reason="already handled")
     elif outcome is Outcome.IGNORED:
         metrics.messages_ignored.labels(*labels).inc()
         log.info("message_ignored", reason=settlement.reason)
