@@ -491,9 +491,13 @@ def validate_event(data: dict[str, Any]) -> Event[Any]:
             f"unknown eventType {_preview(event_type)}; "
             f"known types: {', '.join(EVENT_TYPES)}",
         )
-    model: type[Event[Any]] = Event[Payload]
+    # Only a missing or non-string eventType falls back to the generic envelope, so
+    # the parametrized class is not built for every message.
+    model: type[Event[Any]]
     if isinstance(event_type, str):
         model = EVENT_TYPES[event_type]
+    else:
+        model = Event[Payload]
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -14,6 +14,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from consumer.events import EVENT_TYPES
+
 PREFIX = "orders_consumer_"
 
 # Handler latencies range from a cache hit (about 1 ms) to a slow downstream call near
@@ -42,21 +44,6 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 # during a backlog, so its buckets continue to 15 minutes.
 LAG_BUCKETS_S: tuple[float, ...] = DURATION_BUCKETS_S + (600.0, 900.0)
 
-# The event types of the order stream. `consumer.events.EVENT_TYPES` is the source of
-# truth when it can be imported; this copy keeps labels bounded without it.
-FALLBACK_EVENT_TYPES: tuple[str, ...] = (
-    "ORDER_CREATED",
-    "ORDER_UPDATED",
-    "ORDER_CANCELLED",
-    "PAYMENT_AUTHORIZED",
-    "PAYMENT_CAPTURED",
-    "PAYMENT_FAILED",
-    "PAYMENT_REFUNDED",
-    "FULFILLMENT_STARTED",
-    "ORDER_SHIPPED",
-    "ORDER_DELIVERED",
-    "CUSTOMER_NOTIFIED",
-)
 UNKNOWN_EVENT_TYPE = "unknown"
 
 # Dead-letter reasons that the framework itself sets.
@@ -81,17 +68,9 @@ ENTITY = ("entity",)
 BY_EVENT = ("entity", "event_type")
 
 
-def _known_event_types() -> frozenset[str]:
-    try:
-        from consumer.events import EVENT_TYPES
-    except ImportError:
-        return frozenset(FALLBACK_EVENT_TYPES)
-    return frozenset(EVENT_TYPES)
-
-
 def event_type_label(value: str | None) -> str:
     """Return `value` when it is a known event type, else "unknown"."""
-    if value is not None and value in _known_event_types():
+    if value is not None and value in EVENT_TYPES:
         return value
     return UNKNOWN_EVENT_TYPE
 

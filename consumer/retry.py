@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from consumer.config import Settings
 from consumer.errors import DeadLetter, PermanentError, RetryLater
 
+# Shared by every message: jitter needs no per-message seed.
+_JITTER = random.Random()
+
 
 def is_retryable(error: BaseException) -> bool:
     """Return False for `DeadLetter` and `PermanentError`, which no retry changes."""
@@ -77,7 +80,7 @@ async def run_with_retries(
     or when `stop` is set (for example because the session lock was lost). Cancellation
     propagates.
     """
-    rng = rng or random.Random()
+    rng = rng or _JITTER
     for number in range(1, policy.attempts + 1):
         try:
             await attempt(number)

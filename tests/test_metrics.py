@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.samples import Sample
 
+from consumer.events import EVENT_TYPES
 from consumer.metrics import (
-    FALLBACK_EVENT_TYPES,
     KNOWN_REASONS,
     MAX_EXTRA_REASONS,
     PREFIX,
@@ -172,8 +172,8 @@ def test_value_rejects_unknown_name() -> None:
 
 
 def test_event_type_label_bounds_values() -> None:
-    assert len(FALLBACK_EVENT_TYPES) == 11
-    for event_type in FALLBACK_EVENT_TYPES:
+    assert len(EVENT_TYPES) == 11
+    for event_type in EVENT_TYPES:
         assert event_type_label(event_type) == event_type
     assert event_type_label(None) == "unknown"
     assert event_type_label("") == "unknown"
