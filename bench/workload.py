@@ -86,7 +86,7 @@ async def publish_steadily(
 ) -> float:
     """Send `messages` at `rate_per_s` and return the rate achieved, per second.
 
-    Every tick sends what is due by then, so the average rate holds while the broker
+    Every tick sends what is due by then, so the average rate is kept while the broker
     keeps up, and a slow send is caught up on the next tick.
     """
     started = time.perf_counter()

@@ -8,7 +8,7 @@
   accepts sessions, else 503. It turns 503 during a drain, before shutdown.
 
 Both health endpoints return a small JSON object. The server runs in a background thread
-with the stdlib `http.server`, so it answers even when the event loop is stuck.
+with the stdlib `http.server`, so it responds even when the event loop is stuck.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ SESSION_FILTER = symbol("com.microsoft:session-filter")
 LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
 ACCEPT_TIMEOUT = symbol("com.microsoft:timeout")
 # azure-servicebus 7.15 itself waits 65 s for a next-available session when it
-# sends no timeout, so the broker holds such an accept as long.
+# sends no timeout, so the broker keeps such an accept pending as long.
 DEFAULT_ACCEPT_TIMEOUT_S = 65.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.

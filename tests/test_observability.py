@@ -58,11 +58,11 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def total(samples: dict[Any, float], name: str, **labels: str) -> float:
-    wanted = set(labels.items())
+    expected_labels = set(labels.items())
     return sum(
         value
         for (sample_name, sample_labels), value in samples.items()
-        if sample_name == name and wanted <= set(sample_labels)
+        if sample_name == name and expected_labels <= set(sample_labels)
     )
 
 
@@ -79,12 +79,12 @@ async def run_with_one_poison_order(
 
     app = ConsumerApp(settings)
 
-    async def refuse_poison(event: Any, ctx: EventContext) -> None:
+    async def reject_poison_order(event: Any, ctx: EventContext) -> None:
         if ctx.order_id == poison_order:
             raise DeadLetter("FraudSuspected", "customer is on the block list")
 
     for event_type in ("ORDER_CREATED",):
-        app.router.add_handler(event_type, refuse_poison)
+        app.router.add_handler(event_type, reject_poison_order)
     for event_type in set(app.router.event_types) ^ set(_all_event_types()):
         app.router.add_handler(event_type, _accept)
 

@@ -88,10 +88,10 @@ class SessionSupply:
     async def take(self) -> SessionReceiver:
         """Return the next accepted session, its lock renewed for the worker.
 
-        Standby sessions are not renewed while they wait, so a lock can be close to
+        A waiting session's lock is renewed only at intervals, so it can be close to
         expiry when a worker takes it. Renewing here gives the worker a full lock
-        duration before its own background renewal starts; a session whose lock is
-        already gone is closed and the next one is tried.
+        duration before its own renewal starts. A session whose lock is already gone
+        is closed, and the next one is tried.
         """
         while True:
             receiver = await self._ready.get()
