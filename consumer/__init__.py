@@ -1,4 +1,4 @@
-"""orders-consumer: a session-ordered consumer for the Azure Service Bus order stream."""
+"""orders-consumer: a session-ordered consumer for the Service Bus order stream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings: `config/<env>.yaml`, then `ORDERS_CONSUMER_*` environment variables, then code.
+"""Settings from `config/<env>.yaml`, `ORDERS_CONSUMER_*` variables and code.
 
 Precedence, highest first: keyword arguments to `Settings(...)`, environment variables
 named `ORDERS_CONSUMER_<FIELD>`, the YAML file of the selected env, the field defaults.
@@ -82,7 +82,9 @@ class _YamlSource(PydanticBaseSettingsSource):
             )
         return data
 
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+    def get_field_value(
+        self, field: FieldInfo, field_name: str
+    ) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
@@ -98,7 +100,8 @@ class Settings(BaseSettings):
 
     env: Env = "dev"
 
-    # Where to connect. A connection string wins over a namespace with Azure AD credentials.
+    # Where to connect. A connection string wins over a namespace with Azure AD
+    # credentials.
     connection_string: SecretStr | None = None
     fully_qualified_namespace: str | None = None
     entity: str | None = Field(
@@ -180,10 +183,12 @@ class Settings(BaseSettings):
         budget = self.retry_budget_s()
         if self.max_lock_renewal_s and budget > self.max_lock_renewal_s:
             raise ValueError(
-                f"the retry budget of {budget:.1f}s (retry_attempts={self.retry_attempts}, "
+                f"the retry budget of {budget:.1f}s "
+                f"(retry_attempts={self.retry_attempts}, "
                 f"handler_timeout_s={self.handler_timeout_s}, backoff up to "
                 f"{self.retry_max_backoff_s}s) is longer than max_lock_renewal_s="
-                f"{self.max_lock_renewal_s}; lower the retries or raise the renewal limit"
+                f"{self.max_lock_renewal_s}; lower the retries or raise the renewal "
+                "limit"
             )
         return self
 

@@ -1,8 +1,9 @@
 """Exception hierarchy of the framework.
 
-Every exception the framework raises derives from `ConsumerError`. There are three branches:
-configuration errors (also `ValueError`), transport errors, and signals that a handler raises
-on purpose (`RetryLater`, `DeadLetter`). Logging treats the signals as outcomes, not crashes.
+Every exception the framework raises derives from `ConsumerError`. There are three
+branches: configuration errors (also `ValueError`), transport errors, and signals that a
+handler raises on purpose (`RetryLater`, `DeadLetter`). Logging treats the signals as
+outcomes, not crashes.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ class TransportError(ConsumerError):
 
 
 class SessionLockLost(TransportError):
-    """The session lock expired or was taken away; the worker must settle nothing more."""
+    """Session lock expired or taken, so the worker must settle nothing more."""
 
 
 class HandlerSignal(ConsumerError):
-    """Base class of the signals a handler raises to choose the outcome of its message."""
+    """Base class of the signals a handler raises to choose its message's outcome."""
 
 
 class RetryLater(HandlerSignal):
@@ -44,7 +45,7 @@ class RetryLater(HandlerSignal):
 
 
 class DeadLetter(HandlerSignal):
-    """Send the message to the dead-letter queue at once with `reason` and `description`."""
+    """Dead-letter the message at once with `reason` and `description`."""
 
     def __init__(self, reason: str, description: str = "") -> None:
         if not reason:

@@ -1,8 +1,8 @@
 """Handler registration: `Router`, shared by `ConsumerApp` and team modules.
 
-Teams keep their handlers on their own `Router` so that no module imports the app it runs
-in; `ConsumerApp.include_router` merges them. Registration checks the event type and the
-handler's signature at once and raises `ConfigurationError` naming both.
+Teams keep their handlers on their own `Router` so that no module imports the app it
+runs in, and `ConsumerApp.include_router` merges them. Registration checks the event
+type and the handler's signature at once and raises `ConfigurationError` naming both.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Router:
         self._handlers: dict[str, list[HandlerSpec]] = {}
 
     def handler(self, event_type: str) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Register the decorated function for `event_type`, after those already there."""
+        """Register the decorated function for `event_type`, after existing ones."""
 
         def register(func: HandlerFunc) -> HandlerFunc:
             self.add_handler(event_type, func)
@@ -106,7 +106,7 @@ class Router:
         return register
 
     def add_handler(self, event_type: str, func: HandlerFunc) -> None:
-        """Register `func` for `event_type`, raising `ConfigurationError` when invalid."""
+        """Register `func` for `event_type`, or raise `ConfigurationError`."""
         known = self._known if self._known is not None else _known_event_types()
         if event_type not in known:
             raise ConfigurationError(
@@ -123,7 +123,9 @@ class Router:
             getattr(func, "__call__", None)  # noqa: B004 - async callable objects
         )
         spec = HandlerSpec(event_type=event_type, func=func, is_async=is_async)
-        if any(existing.func is func for existing in self._handlers.get(event_type, [])):
+        if any(
+            existing.func is func for existing in self._handlers.get(event_type, [])
+        ):
             raise ConfigurationError(
                 f"handler {spec.name} is already registered for {event_type}"
             )
