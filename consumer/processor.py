@@ -37,6 +37,12 @@ Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 # The key of the request record `orders-consumer sessions unpark` writes into the
 # session state. The processor keeps it until the deferred messages are handled.
 UNPARK_KEY = "unpark"
+# Messages one peek looks ahead when deciding whether a session is empty.
+PEEK_AHEAD = 32
+# Longest receive on a session that has handled a message, between two checks for a
+# waiting session. An empty receive with azure-servicebus 7.15.0 takes at least about
+# 0.2 s whatever its max_wait_time, so a shorter slice would not return sooner.
+YIELD_CHECK_INTERVAL_S = 0.25
 
 
 class BrokerUnavailable(TransportError):
@@ -213,7 +219,6 @@ class SessionProcessor:
             self._last_activity = time.monotonic()
             self._metrics.sessions_held.labels(self._entity).dec()
             self._close_in_background(receiver)
-            self._supply.release()
 
     def _on_renewal_failed(self, held: HeldSession, error: Exception) -> None:
         self._metrics.lock_renewal_failures.labels(self._entity, "session").inc()
@@ -259,18 +264,27 @@ class SessionProcessor:
         if not await self._resume_deferred(held):
             return
         idle_s = self._settings.session_idle_timeout_s
+        idle_deadline = time.monotonic() + idle_s
         last_sequence_number: int | None = None
         while not self._stopping.is_set() and not held.lock_lost.is_set():
             if last_sequence_number is not None and await self._should_yield(
                 held, last_sequence_number
             ):
                 return
-            message = await self._receive_unless_stopping(held, idle_s)
-            if message is None:
+            wait_s = idle_deadline - time.monotonic()
+            if wait_s <= 0:
                 return
+            if last_sequence_number is not None:
+                # Waiting in slices lets the worker notice an accepted session that
+                # arrives while this one is empty, instead of after the idle timeout.
+                wait_s = min(wait_s, YIELD_CHECK_INTERVAL_S)
+            message = await self._receive_unless_stopping(held, wait_s)
+            if message is None:
+                continue
             if not await self._handle(held, message):
                 return
             last_sequence_number = message.sequence_number
+            idle_deadline = time.monotonic() + idle_s
 
     async def _should_yield(self, held: HeldSession, sequence_number: int) -> bool:
         """Return whether to release a session with nothing queued while others wait.
@@ -278,12 +292,18 @@ class SessionProcessor:
         The idle timeout keeps a session for messages still to come. When another
         session is accepted and waiting, holding an empty one only delays it, so the
         worker releases the session at once. A later message makes it available again.
-        A peek costs one round trip, while an empty receive took at least 0.2 s with
-        azure-servicebus 7.15.0 whatever its `max_wait_time`, so the peek decides.
+        One peek of up to `PEEK_AHEAD` messages tells how far the queue is known to
+        go, so the worker peeks again only after handling those.
         """
         if not self._supply.has_waiting():
             return False
-        if await held.receiver.has_messages_after(sequence_number):
+        if sequence_number < held.queued_through:
+            return False
+        queued = await held.receiver.peek_sequence_numbers(
+            sequence_number + 1, PEEK_AHEAD
+        )
+        if queued:
+            held.queued_through = max(queued)
             return False
         log.debug("session_yielded", order_id=held.session_id)
         return True
@@ -450,10 +470,13 @@ class SessionProcessor:
     async def _record_and_apply(
         self, held: HeldSession, message: InboundMessage, decided: Settlement
     ) -> None:
-        """Write the session state the settlement implies, then settle.
+        """Write the session state the settlement implies, and settle.
 
-        The state is written first: if the process dies in between, the redelivered
-        message is recognised from the state instead of being handled twice.
+        A deferral or dead-letter is settled only after its state is written, because
+        the state is the only record of where a deferred message is. A completion
+        goes out together with the checkpoint: if either is lost, for example when the
+        process dies, a redelivered message is still recognised from the state, and a
+        completed message is gone for good, so neither order loses or repeats work.
         """
         before = held.checkpoint
         after = before
@@ -464,10 +487,22 @@ class SessionProcessor:
             after = before.with_deferred(message.sequence_number)
         elif decided.outcome is Outcome.DEAD_LETTERED:
             after = self._after_dead_letter(held, message, decided)
-        if after != before:
-            held.checkpoint = after
+        if after == before:
+            await settlement.apply(held.receiver, message, decided)
+            return
+        held.checkpoint = after
+        if decided.outcome not in (Outcome.COMPLETED, Outcome.IGNORED):
             await self._save_checkpoint(held)
-        await settlement.apply(held.receiver, message, decided)
+            await settlement.apply(held.receiver, message, decided)
+            return
+        results = await asyncio.gather(
+            self._save_checkpoint(held),
+            settlement.apply(held.receiver, message, decided),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _after_dead_letter(
         self, held: HeldSession, message: InboundMessage, decided: Settlement

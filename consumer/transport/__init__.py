@@ -57,8 +57,11 @@ class SessionReceiver(Protocol):
         """Return the next message of the session, or None after `max_wait_s` idle."""
         ...
 
-    async def has_messages_after(self, sequence_number: int) -> bool:
-        """Return whether an active or deferred message follows this sequence number."""
+    async def peek_sequence_numbers(
+        self, from_sequence_number: int, max_count: int
+    ) -> list[int]:
+        """Return the sequence numbers of up to `max_count` active or deferred
+        messages from `from_sequence_number` on, without locking them."""
         ...
 
     async def receive_deferred(

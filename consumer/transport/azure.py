@@ -139,15 +139,18 @@ class AzureSessionReceiver:
             return None
         return _to_inbound(messages[0], self._session_id)
 
-    async def has_messages_after(self, sequence_number: int) -> bool:
-        """Return whether an active or deferred message follows this sequence number."""
+    async def peek_sequence_numbers(
+        self, from_sequence_number: int, max_count: int
+    ) -> list[int]:
+        """Return the sequence numbers of up to `max_count` active or deferred
+        messages from `from_sequence_number` on, without locking them."""
         peeked = await self._request(
             "peek",
             lambda: self._receiver.peek_messages(
-                max_message_count=1, sequence_number=sequence_number + 1
+                max_message_count=max_count, sequence_number=from_sequence_number
             ),
         )
-        return bool(peeked)
+        return [int(message.sequence_number or 0) for message in peeked]
 
     async def receive_deferred(
         self, sequence_numbers: list[int]

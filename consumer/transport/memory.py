@@ -157,11 +157,16 @@ class MemorySessionReceiver:
             return None
         return self._inbound(session.pending.pop(0))
 
-    async def has_messages_after(self, sequence_number: int) -> bool:
-        """Return whether a pending or deferred message follows this sequence number."""
+    async def peek_sequence_numbers(
+        self, from_sequence_number: int, max_count: int
+    ) -> list[int]:
+        """Return the sequence numbers of up to `max_count` pending or deferred
+        messages from `from_sequence_number` on."""
         session = self._session
-        later = [m for m in session.pending if m.sequence_number > sequence_number]
-        return bool(later) or any(n > sequence_number for n in session.deferred)
+        numbers = [m.sequence_number for m in session.pending]
+        numbers.extend(session.deferred)
+        later = sorted(n for n in numbers if n >= from_sequence_number)
+        return later[:max_count]
 
     async def receive_deferred(
         self, sequence_numbers: list[int]

@@ -38,9 +38,10 @@ ERROR_LOG_INTERVAL_S = 30.0
 class SessionSupply:
     """Accept sessions ahead of time and hand them to workers one by one.
 
-    At most `held + standby` sessions are locked at once: the ones workers hold, the
-    ones accepted and waiting, and the accepts in flight. A worker calls `release()`
-    once it has closed (or started closing) a session it took.
+    Accepts in flight plus sessions waiting for a worker are kept at `standby`, plus
+    one for each worker waiting in `take()`. The sessions workers hold do not count,
+    so a held session waiting out its idle timeout does not slow the supply. At most
+    `held + standby` sessions are locked at once.
     """
 
     def __init__(
@@ -57,8 +58,14 @@ class SessionSupply:
         self._accept_timeout_s = accept_timeout_s
         self._metrics = metrics
         self._health = health
-        self._capacity = held + standby
-        self._budget = asyncio.Semaphore(self._capacity)
+        self._standby = standby
+        self._acceptor_count = held + standby
+        # Accepts in flight plus accepted sessions no worker has taken yet, and the
+        # workers waiting in take(). `_changed` is set, then replaced, when either
+        # count changes, which wakes every coroutine waiting on it.
+        self._outstanding = 0
+        self._takers = 0
+        self._changed = asyncio.Event()
         self._ready: asyncio.Queue[SessionReceiver] = asyncio.Queue()
         # Renewal tasks of the sessions waiting in `_ready`, so no standby lock lapses.
         self._keepers: dict[int, asyncio.Task[None]] = {}
@@ -78,7 +85,7 @@ class SessionSupply:
         """Start the accept loops."""
         self._acceptors = [
             asyncio.create_task(self._accept_loop(), name=f"session-acceptor-{index}")
-            for index in range(self._capacity)
+            for index in range(self._acceptor_count)
         ]
 
     def has_waiting(self) -> bool:
@@ -93,28 +100,51 @@ class SessionSupply:
         duration before its own renewal starts. A session whose lock is already gone
         is closed, and the next one is tried.
         """
-        while True:
-            receiver = await self._ready.get()
-            await self._stop_keeping(receiver)
-            locked_until = receiver.locked_until
-            if locked_until is None or locked_until > datetime.now(UTC):
-                try:
-                    await receiver.renew_lock()
+        self._add_takers(1)
+        try:
+            while True:
+                receiver = await self._ready.get()
+                self._finish_outstanding()
+                if await self._hand_over(receiver):
                     return receiver
-                except TransportError as error:
-                    log.warning(
-                        "standby_session_renewal_failed",
-                        order_id=receiver.session_id,
-                        error=log_exception_text(error),
-                    )
-            else:
-                log.warning("standby_session_expired", order_id=receiver.session_id)
-            await self._close_quietly(receiver)
-            self.release()
+        finally:
+            self._add_takers(-1)
 
-    def release(self) -> None:
-        """Free the place of a session a worker took, so another can be accepted."""
-        self._budget.release()
+    async def _hand_over(self, receiver: SessionReceiver) -> bool:
+        await self._stop_keeping(receiver)
+        locked_until = receiver.locked_until
+        if locked_until is None or locked_until > datetime.now(UTC):
+            try:
+                await receiver.renew_lock()
+                return True
+            except TransportError as error:
+                log.warning(
+                    "standby_session_renewal_failed",
+                    order_id=receiver.session_id,
+                    error=log_exception_text(error),
+                )
+        else:
+            log.warning("standby_session_expired", order_id=receiver.session_id)
+        await self._close_quietly(receiver)
+        return False
+
+    def _add_takers(self, change: int) -> None:
+        self._takers += change
+        self._notify()
+
+    async def _reserve(self) -> None:
+        """Wait until another accept may start, and count it as outstanding."""
+        while self._outstanding >= self._standby + self._takers:
+            await self._changed.wait()
+        self._outstanding += 1
+
+    def _finish_outstanding(self) -> None:
+        self._outstanding -= 1
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def stop(self) -> None:
         """Stop accepting and close every accepted session no worker took.
@@ -166,26 +196,26 @@ class SessionSupply:
         backoff_s = RECONNECT_BACKOFF_S
         task = asyncio.current_task()
         while not self._stopped:
-            await self._budget.acquire()
+            await self._reserve()
             started_at = time.monotonic()
             self._accepting.add(task)
             try:
                 receiver = await self._transport.accept_session(self._accept_timeout_s)
             except Exception as error:  # noqa: BLE001 - keep accepting after any failure
-                self._budget.release()
+                self._finish_outstanding()
                 self._on_error(error)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, RECONNECT_MAX_BACKOFF_S)
                 continue
             except BaseException:
-                self._budget.release()
+                self._finish_outstanding()
                 raise
             finally:
                 self._accepting.discard(task)
             backoff_s = RECONNECT_BACKOFF_S
             self._on_connected()
             if receiver is None:
-                self._budget.release()
+                self._finish_outstanding()
                 if self.empty_since is None:
                     self.empty_since = started_at
                 continue
