@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -31,6 +31,10 @@ RECONNECT_MAX_BACKOFF_S = 10.0
 STOP_MARGIN_S = 2.0
 # Shortest wait between two renewals of a waiting session's lock.
 STANDBY_RENEW_MIN_S = 0.2
+# A session taken with less lock time left than this is renewed before the worker
+# starts on it. Service Bus lock durations are 5 s at the least.
+TAKE_RENEW_BELOW_S = 5.0
+TAKE_RENEW_BELOW = timedelta(seconds=TAKE_RENEW_BELOW_S)
 # Repeated connection errors are logged once per this interval, with a count.
 ERROR_LOG_INTERVAL_S = 30.0
 
@@ -93,27 +97,34 @@ class SessionSupply:
         return not self._ready.empty()
 
     async def take(self) -> SessionReceiver:
-        """Return the next accepted session, its lock renewed for the worker.
+        """Return the next accepted session, its lock renewed if it is near expiry.
 
         A waiting session's lock is renewed only at intervals, so it can be close to
-        expiry when a worker takes it. Renewing here gives the worker a full lock
-        duration before its own renewal starts. A session whose lock is already gone
-        is closed, and the next one is tried.
+        expiry when a worker takes it. Renewing such a lock here gives the worker time
+        before its own renewal starts. A lock with `TAKE_RENEW_BELOW_S` or more left
+        is not renewed, which saves a round trip per session. A session whose lock is
+        already gone is closed, and the next one is tried.
         """
-        self._add_takers(1)
-        try:
-            while True:
+        while True:
+            # A waiting worker may start one accept more than the standby count,
+            # and stops counting as soon as it has a session, before any await.
+            self._takers += 1
+            self._notify()
+            try:
                 receiver = await self._ready.get()
-                self._finish_outstanding()
-                if await self._hand_over(receiver):
-                    return receiver
-        finally:
-            self._add_takers(-1)
+            finally:
+                self._takers -= 1
+            self._finish_outstanding()
+            if await self._hand_over(receiver):
+                return receiver
 
     async def _hand_over(self, receiver: SessionReceiver) -> bool:
         await self._stop_keeping(receiver)
         locked_until = receiver.locked_until
-        if locked_until is None or locked_until > datetime.now(UTC):
+        now = datetime.now(UTC)
+        if locked_until is not None and locked_until > now + TAKE_RENEW_BELOW:
+            return True
+        if locked_until is None or locked_until > now:
             try:
                 await receiver.renew_lock()
                 return True
@@ -127,10 +138,6 @@ class SessionSupply:
             log.warning("standby_session_expired", order_id=receiver.session_id)
         await self._close_quietly(receiver)
         return False
-
-    def _add_takers(self, change: int) -> None:
-        self._takers += change
-        self._notify()
 
     async def _reserve(self) -> None:
         """Wait until another accept may start, and count it as outstanding."""

@@ -1,0 +1,165 @@
+"""Session turnover on the in-memory transport: the standby supply and early release.
+
+These tests check what happens, not how fast: a session that a worker holds while it
+waits out its idle timeout must not stop the supply from accepting the next one, and
+the worker must hand its empty session over to a waiting order well before the idle
+timeout ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from consumer.app import ConsumerApp
+from consumer.config import Settings
+from consumer.metrics import ConsumerMetrics
+from consumer.processor import PEEK_AHEAD
+from consumer.testing import make_event
+from consumer.transport.memory import MemoryBroker, MemorySessionReceiver, MemoryTransport
+from consumer.transport.supply import SessionSupply
+from prometheus_client import CollectorRegistry
+
+ENTITY = "orders.turnover.events"
+# Far longer than any wait in these tests, so only an early release can explain a
+# second order being handled while the first session is still within its timeout.
+LONG_IDLE_S = 60.0
+
+
+def _settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "connection_string": "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;"
+        "SharedAccessKey=unused",
+        "entity": ENTITY,
+        "accept_timeout_s": 0.05,
+        "metrics_port": 0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+async def _send(broker: MemoryBroker, order_id: str, count: int = 1) -> None:
+    for index in range(count):
+        event = make_event("ORDER_UPDATED", order_id)
+        await broker.send(
+            json.dumps(event).encode(),
+            session_id=order_id,
+            message_id=f"{order_id}-{index}",
+            subject=event["eventType"],
+        )
+
+
+async def _wait_until(predicate: Any, timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class CountingTransport(MemoryTransport):
+    """A memory transport that counts the peeks of the receivers it hands out."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.peeks = 0
+
+    async def accept_session(self, max_wait_s: float) -> MemorySessionReceiver | None:
+        receiver = await super().accept_session(max_wait_s)
+        if receiver is None:
+            return None
+        transport = self
+        peek = receiver.peek_sequence_numbers
+
+        async def counted(from_sequence_number: int, max_count: int) -> list[int]:
+            transport.peeks += 1
+            return await peek(from_sequence_number, max_count)
+
+        receiver.peek_sequence_numbers = counted  # type: ignore[method-assign]
+        return receiver
+
+
+async def test_supply_keeps_standby_sessions_while_workers_hold_theirs() -> None:
+    broker = MemoryBroker(ENTITY)
+    for index in range(6):
+        await _send(broker, f"order-{index}")
+    supply = SessionSupply(
+        MemoryTransport(broker),
+        held=2,
+        standby=1,
+        accept_timeout_s=0.05,
+        metrics=ConsumerMetrics(CollectorRegistry()),
+    )
+    supply.start()
+    try:
+        held = [await supply.take(), await supply.take()]
+        # Both workers keep their sessions, and one more is accepted for the next
+        # free worker, but not two: the locks stay within held + standby.
+        await _wait_until(supply.has_waiting)
+        await asyncio.sleep(0.2)
+        locked = [s for s in broker.sessions.values() if s.locked]
+        assert len(locked) == 3
+        assert {receiver.session_id for receiver in held} < {
+            session_id for session_id, s in broker.sessions.items() if s.locked
+        }
+    finally:
+        await supply.stop()
+        for receiver in held:
+            await receiver.close()
+
+
+async def test_idle_session_is_released_for_an_order_that_arrives_later() -> None:
+    broker = MemoryBroker(ENTITY)
+    await _send(broker, "order-first")
+    handled: list[str] = []
+
+    async def record(event: Any, ctx: Any) -> None:
+        handled.append(ctx.order_id)
+
+    settings = _settings(
+        max_concurrent_sessions=1,
+        standby_sessions=1,
+        session_idle_timeout_s=LONG_IDLE_S,
+    )
+    app = ConsumerApp(settings, transport=MemoryTransport(broker))
+    app.router.add_handler("ORDER_UPDATED", record)
+    run = asyncio.create_task(app.run())
+    try:
+        await _wait_until(lambda: handled == ["order-first"])
+        # The only worker now waits on an empty session with a long idle timeout.
+        await _send(broker, "order-second")
+        await _wait_until(lambda: "order-second" in handled)
+    finally:
+        app.stop()
+        await asyncio.wait_for(run, timeout=30)
+    assert handled == ["order-first", "order-second"]
+
+
+async def test_worker_peeks_once_per_batch_of_queued_messages() -> None:
+    broker = MemoryBroker(ENTITY)
+    messages = PEEK_AHEAD + 8
+    await _send(broker, "order-long", messages)
+    await _send(broker, "order-waiting")
+    handled: list[str] = []
+
+    async def record(event: Any, ctx: Any) -> None:
+        handled.append(ctx.order_id)
+
+    settings = _settings(
+        max_concurrent_sessions=1,
+        standby_sessions=1,
+        session_idle_timeout_s=LONG_IDLE_S,
+    )
+    transport = CountingTransport(broker)
+    app = ConsumerApp(settings, transport=transport)
+    app.router.add_handler("ORDER_UPDATED", record)
+    run = asyncio.create_task(app.run())
+    try:
+        await _wait_until(lambda: len(handled) == messages + 1)
+    finally:
+        app.stop()
+        await asyncio.wait_for(run, timeout=30)
+    # The long order runs first and whole, because its session has messages left.
+    assert handled[:messages] == ["order-long"] * messages
+    # One peek per PEEK_AHEAD messages plus the one that finds the session empty,
+    # where a peek per message would make 40.
+    assert transport.peeks <= messages // PEEK_AHEAD + 2
