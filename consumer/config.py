@@ -117,11 +117,12 @@ class Settings(BaseSettings):
     max_delivery_count: int = Field(default=10, ge=1)
     accept_timeout_s: float = Field(default=5.0, gt=0)
     # Sessions accepted ahead of the workers, on top of max_concurrent_sessions. An
-    # accept took about 0.5 s against the local broker and a short order about 0.05 s,
-    # so eight accepts in flight keep even a single worker busy (measured with 100
-    # orders and 1 worker). Up to max_concurrent_sessions + standby_sessions sessions
-    # are locked at once, although at most max_concurrent_sessions run messages.
-    standby_sessions: int = Field(default=8, ge=0, le=1000)
+    # accept with azure-servicebus 7.15.0 takes about 0.7 s, mostly waiting (the SDK
+    # reads one frame per 0.05 s while it opens), and a short order about 0.05 s. With
+    # 16 accepts in flight, 8 workers turned over 17 single-event orders/s against 9
+    # with 8 (local broker, 2 vCPUs, bench/run.py's turnover workload). Waiting
+    # sessions stay locked, so lower this when orders are long and replicas many.
+    standby_sessions: int = Field(default=16, ge=0, le=1000)
     unknown_event_policy: Literal["dead_letter", "ignore"] = "dead_letter"
 
     # Failure semantics.

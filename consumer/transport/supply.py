@@ -31,6 +31,8 @@ RECONNECT_MAX_BACKOFF_S = 10.0
 STOP_MARGIN_S = 2.0
 # Shortest wait between two renewals of a waiting session's lock.
 STANDBY_RENEW_MIN_S = 0.2
+# Accepts kept in flight while the entity has no session to offer.
+EMPTY_ENTITY_PROBES = 2
 # A session taken with less lock time left than this is renewed before the worker
 # starts on it. Service Bus lock durations are 5 s at the least.
 TAKE_RENEW_BELOW_S = 5.0
@@ -141,9 +143,17 @@ class SessionSupply:
 
     async def _reserve(self) -> None:
         """Wait until another accept may start, and count it as outstanding."""
-        while self._outstanding >= self._standby + self._takers:
+        while not self._may_accept():
             await self._changed.wait()
         self._outstanding += 1
+
+    def _may_accept(self) -> bool:
+        if self._outstanding >= self._standby + self._takers:
+            return False
+        # While accepts find no session, a few keep asking and the rest wait for
+        # one to succeed. Every accept in flight on an empty entity holds an open
+        # connection and reopens it each accept_timeout_s, costing CPU for nothing.
+        return self.empty_since is None or len(self._accepting) < EMPTY_ENTITY_PROBES
 
     def _finish_outstanding(self) -> None:
         self._outstanding -= 1
@@ -226,7 +236,9 @@ class SessionSupply:
                 if self.empty_since is None:
                     self.empty_since = started_at
                 continue
-            self.empty_since = None
+            if self.empty_since is not None:
+                self.empty_since = None
+                self._notify()
             self._metrics.sessions_accepted.labels(self._transport.entity).inc()
             self._keepers[id(receiver)] = asyncio.create_task(
                 self._keep_locked(receiver), name=f"standby-{receiver.session_id}"
