@@ -18,7 +18,7 @@ from consumer.metrics import ConsumerMetrics
 from consumer.processor import PEEK_AHEAD
 from consumer.testing import make_event
 from consumer.transport.memory import MemoryBroker, MemorySessionReceiver, MemoryTransport
-from consumer.transport.supply import SessionSupply
+from consumer.transport.supply import EMPTY_ENTITY_PROBES, SessionSupply
 from prometheus_client import CollectorRegistry
 
 ENTITY = "orders.turnover.events"
@@ -163,3 +163,49 @@ async def test_worker_peeks_once_per_batch_of_queued_messages() -> None:
     # One peek per PEEK_AHEAD messages plus the one that finds the session empty,
     # where a peek per message would make 40.
     assert transport.peeks <= messages // PEEK_AHEAD + 2
+
+
+class AcceptCountingTransport(MemoryTransport):
+    """A memory transport that records the most accepts it had in flight at once."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def accept_session(self, max_wait_s: float) -> MemorySessionReceiver | None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await super().accept_session(max_wait_s)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_empty_entity_keeps_two_accepts_in_flight() -> None:
+    broker = MemoryBroker(ENTITY)
+    transport = AcceptCountingTransport(broker)
+    supply = SessionSupply(
+        transport,
+        held=4,
+        standby=8,
+        accept_timeout_s=0.05,
+        metrics=ConsumerMetrics(CollectorRegistry()),
+    )
+    supply.start()
+    try:
+        # The first round starts every accept the standby count allows. Once they
+        # come back empty, only the probes keep going.
+        await _wait_until(lambda: supply.empty_since is not None)
+        await asyncio.sleep(0.3)
+        transport.max_in_flight = transport.in_flight
+        await asyncio.sleep(0.5)
+        assert transport.max_in_flight <= EMPTY_ENTITY_PROBES
+
+        # A session that arrives is still found, and then every accept resumes.
+        await _send(broker, "order-late")
+        taken = await asyncio.wait_for(supply.take(), timeout=10)
+        assert taken.session_id == "order-late"
+        await taken.close()
+    finally:
+        await supply.stop()
