@@ -43,6 +43,8 @@ class WorkerSpec:
     record_latency: bool = False
     rss_at: tuple[int, ...] = ()
     profile_path: str | None = None
+    # Ours only: whether the session state is written before each completion.
+    checkpoint: bool = True
 
 
 async def _handle(delay_s: float) -> None:
@@ -72,6 +74,7 @@ async def _run_ours(spec: WorkerSpec, connection: str, recorder: Recorder) -> No
         max_concurrent_sessions=spec.concurrency,
         session_idle_timeout_s=spec.idle_timeout_s,
         prefetch_count=spec.prefetch_count,
+        checkpoint=spec.checkpoint,
         shutdown_grace_s=STOP_TIMEOUT_S,
     )
     transport = TimingTransport(AzureTransport(settings), recorder)

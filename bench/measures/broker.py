@@ -7,7 +7,7 @@ timeout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bench.measures.common import BenchContext, rate, ratio, run_child
@@ -28,6 +28,7 @@ class Workload:
     events_per_order: int
     concurrency: int
     handler_delay_s: float = 0.0
+    checkpoint: bool = True
 
     @property
     def messages(self) -> int:
@@ -68,6 +69,7 @@ async def _run_one(
         idle_timeout_s=context.sizes.idle_timeout_s,
         handler_delay_s=workload.handler_delay_s,
         profile_path=profile_path,
+        checkpoint=workload.checkpoint,
     )
     messages = order_messages(workload.orders, workload.events_per_order, entity)
     return await run_child(context, spec, preload=messages)
@@ -99,12 +101,20 @@ async def measure_throughput(context: BenchContext) -> dict[str, Any]:
         pair = await run_pair(context, workload, profile=profile)
         ours = _summary(pair["ours"], workload.orders)
         baseline = _summary(pair["baseline"], workload.orders)
+        # The checkpoint costs a session-state write per message, which the
+        # baseline does not make, so ours also runs once without it.
+        unchecked = replace(workload, checkpoint=False)
+        without = _summary(await _run_one(context, unchecked, "ours"), workload.orders)
         figures[str(concurrency)] = {
             "orders": workload.orders,
             "events_per_order": workload.events_per_order,
             "ours": ours,
             "baseline": baseline,
             "ratio": ratio(ours["messages_per_s"], baseline["messages_per_s"]),
+            "ours_without_checkpoint": without,
+            "ratio_without_checkpoint": ratio(
+                without["messages_per_s"], baseline["messages_per_s"]
+            ),
         }
     return figures
 

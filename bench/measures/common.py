@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Upper bound on one child run, so a stuck consumer fails the benchmark instead of
 # hanging it. The full memory run is the longest, at a few minutes on 2 cores.
 CHILD_TIMEOUT_S = 900.0
-ENTITY_COUNT = 48
+ENTITY_COUNT = 56
 
 
 @dataclass(frozen=True)
