@@ -1,4 +1,4 @@
-"""Reproduce the consumer's RSS growth per session receiver opened.
+"""Reproduce the RSS growth per session receiver opened that the consumer showed.
 
     python bench/rss_per_session.py [--sessions N] [--shared-ssl] [--objects]
 
@@ -9,8 +9,9 @@ hand-written consumer does. Every `--every` closed sessions it prints the proces
 RSS (psutil), the asyncio task count and the count of full garbage collections so
 far. `--trim` adds the RSS after glibc's `malloc_trim(0)`, `--objects` the SDK
 objects by class (uncollected garbage included) and `--collect` the RSS after a full
-`gc.collect()`. `--context-cost` first prints the RSS that one SSL context with the
-certifi CA bundle loaded costs, the context the SDK builds for each connection.
+`gc.collect()`. `--context-cost` prints instead the RSS that one SSL context with
+the certifi CA bundle costs (the context the SDK builds for each connection) and
+exits, because the heap it frees would hide growth in a run that follows.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--context-cost",
         action="store_true",
-        help="first print the RSS in MiB per SSL context with the certifi CA bundle",
+        help="only print the RSS in MiB per SSL context with the certifi CA bundle",
     )
     parser.add_argument(
         "--trim",
@@ -173,7 +174,7 @@ class Sampler:
             self.sample()
 
     def sample(self) -> None:
-        """Print the RSS and, as requested, the trimmed RSS and object counts."""
+        """Print one sample line with the figures the options request."""
         rss = rss_mib()
         if self.first_mib is None:
             self.first_mib = rss
@@ -246,6 +247,7 @@ async def run(connection_string: str, args: argparse.Namespace) -> None:
     sampler = Sampler(args)
     remaining = [args.sessions]
     options = client_options(args.shared_ssl)
+    sampler.sample()
     async with ServiceBusClient.from_connection_string(
         connection_string, **options
     ) as client:
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.context_cost:
         print(f"ssl_context_mib={context_cost_mib():.2f}", flush=True)
+        return 0
     with run_broker_process(entities=[ENTITY]) as broker:
         asyncio.run(run(broker.connection_string, args))
     return 0
