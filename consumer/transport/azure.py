@@ -8,11 +8,13 @@ removed from the message.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
+import certifi
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.amqp import AmqpMessageBodyType
@@ -36,6 +38,20 @@ T = TypeVar("T")
 # longer is given up, so a drain cannot hang on it.
 CLOSE_TIMEOUT_S = 10.0
 CLIENT_CLOSE_ATTEMPTS = 3
+
+
+def _shared_tls_context() -> ssl.SSLContext:
+    """Build one TLS context for every AMQP connection of the client.
+
+    It trusts the certifi CA bundle and checks host names, like the default context of
+    azure-servicebus 7.15.0. The SDK builds that default for each connection, even
+    without TLS for the emulator, and it lives until a full garbage collection frees
+    the closed connection's reference cycles. Each one took about 0.7 MB of OpenSSL
+    3.0 memory, so RSS grew with every session opened.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(certifi.where())
+    return context
 
 
 def _message_body(message: ServiceBusReceivedMessage) -> bytes | None:
@@ -230,15 +246,16 @@ class AzureTransport:
         self._closing: set[asyncio.Task[None]] = set()
 
     def _create_client(self, settings: Settings) -> ServiceBusClient:
-        retries: dict[str, Any] = {
+        options: dict[str, Any] = {
             "retry_total": settings.transport_retry_attempts,
             "retry_backoff_factor": settings.transport_retry_backoff_s,
             "retry_backoff_max": settings.transport_retry_max_backoff_s,
+            "ssl_context": _shared_tls_context(),
         }
         if settings.connection_string is not None:
             try:
                 return ServiceBusClient.from_connection_string(
-                    settings.connection_string.get_secret_value(), **retries
+                    settings.connection_string.get_secret_value(), **options
                 )
             except ValueError as error:
                 raise TransportError(
@@ -249,7 +266,7 @@ class AzureTransport:
 
         self._credential = DefaultAzureCredential()
         namespace = str(settings.fully_qualified_namespace)
-        return ServiceBusClient(namespace, credential=self._credential, **retries)
+        return ServiceBusClient(namespace, credential=self._credential, **options)
 
     @property
     def entity(self) -> str:
