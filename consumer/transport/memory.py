@@ -93,11 +93,16 @@ class MemoryBroker:
         return None
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
+        # Yield once even when the predicate already holds, as a network round trip
+        # would, so that one session with a backlog cannot starve the other workers.
+        await asyncio.sleep(0)
+        found = predicate()
+        if found:
+            return found
         async with self._changed:
             try:
-                return await asyncio.wait_for(
-                    self._changed.wait_for(predicate), timeout=max_wait_s
-                )
+                async with asyncio.timeout(max_wait_s):
+                    return await self._changed.wait_for(predicate)
             except TimeoutError:
                 return None
 
@@ -160,8 +165,9 @@ class MemorySessionReceiver:
     async def has_messages_after(self, sequence_number: int) -> bool:
         """Return whether a pending or deferred message follows this sequence number."""
         session = self._session
-        later = [m for m in session.pending if m.sequence_number > sequence_number]
-        return bool(later) or any(n > sequence_number for n in session.deferred)
+        if any(m.sequence_number > sequence_number for m in session.pending):
+            return True
+        return any(n > sequence_number for n in session.deferred)
 
     async def receive_deferred(
         self, sequence_numbers: list[int]
