@@ -252,20 +252,22 @@ class ConsumerApp:
         context: EventContext,
         succeeded: set[int],
     ) -> None:
+        metrics = self.metrics
         labels = (self._entity, event_type_label(context.event_type))
+        in_flight = metrics.child(metrics.handlers_in_flight, self._entity)
+        duration = metrics.child(metrics.handler_duration, *labels)
         for index, spec in enumerate(specs):
             if index in succeeded:
                 continue
             started = time.perf_counter()
-            self.metrics.handlers_in_flight.labels(self._entity).inc()
+            in_flight.inc()
             try:
                 await self._call(spec, event, context)
             finally:
-                self.metrics.handlers_in_flight.labels(self._entity).dec()
-                elapsed_s = time.perf_counter() - started
-                self.metrics.handler_duration.labels(*labels).observe(elapsed_s)
+                in_flight.dec()
+                duration.observe(time.perf_counter() - started)
             succeeded.add(index)
-        self.metrics.handler_attempts.labels(*labels, "success").inc()
+        metrics.child(metrics.handler_attempts, *labels, "success").inc()
 
     async def _call(self, spec: HandlerSpec, event: Any, context: EventContext) -> None:
         timeout_s = self.settings.handler_timeout_s
