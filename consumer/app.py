@@ -209,9 +209,8 @@ class ConsumerApp:
         succeeded: set[int] = set()
 
         async def attempt(number: int) -> None:
-            await self._run_handlers(
-                specs, event, replace(context, attempt=number), succeeded
-            )
+            current = context if number == 1 else replace(context, attempt=number)
+            await self._run_handlers(specs, event, current, succeeded)
 
         error = await run_with_retries(
             attempt,
@@ -271,13 +270,10 @@ class ConsumerApp:
 
     async def _call(self, spec: HandlerSpec, event: Any, context: EventContext) -> None:
         timeout_s = self.settings.handler_timeout_s
+        running = self._start(spec, event, context)
         try:
-            if spec.is_async:
-                await asyncio.wait_for(spec.func(event, context), timeout_s)  # type: ignore[arg-type]
-                return
-            await asyncio.wait_for(
-                self._call_in_thread(spec, event, context), timeout_s
-            )
+            async with asyncio.timeout(timeout_s):
+                await running
         except TimeoutError:
             # NOTE: a sync handler cannot be interrupted; its thread runs on after the
             # timeout, while the message is already being retried.
@@ -285,12 +281,22 @@ class ConsumerApp:
                 f"handler {spec.name} ran longer than handler_timeout_s={timeout_s}"
             ) from None
 
-    async def _call_in_thread(
+    def _start(
         self, spec: HandlerSpec, event: Any, context: EventContext
-    ) -> None:
+    ) -> asyncio.Future[Any]:
+        """Start one handler call, in a copy of the worker's context variables.
+
+        An async handler gets a task of its own and a sync one runs in the thread
+        pool. Either way the variables the handler sets, such as structlog context,
+        stay out of the worker's later log lines.
+        """
+        if spec.is_async:
+            return asyncio.ensure_future(spec.func(event, context))  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         bound = contextvars.copy_context()
-        await loop.run_in_executor(self._executor, bound.run, spec.func, event, context)
+        return loop.run_in_executor(
+            self._executor, bound.run, spec.func, event, context
+        )
 
     def _on_attempt_failed(
         self, context: EventContext, failure: AttemptFailure
