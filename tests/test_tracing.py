@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from consumer import tracing
 from consumer.tracing import (
     inject_traceparent,
     span_for_message,
@@ -49,12 +50,19 @@ def test_carrier_empty_without_headers() -> None:
 
 
 @pytest.fixture
-def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every `import opentelemetry...` raise ImportError for one test."""
+def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make every `import opentelemetry...` raise ImportError for one test.
+
+    `consumer.tracing` keeps the result of its import, so the kept result is dropped
+    before the test and again after it.
+    """
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     for name in list(sys.modules):
         if name.startswith("opentelemetry."):
             monkeypatch.setitem(sys.modules, name, None)
+    tracing._opentelemetry.cache_clear()
+    yield
+    tracing._opentelemetry.cache_clear()
 
 
 @pytest.mark.usefixtures("without_opentelemetry")
@@ -62,6 +70,16 @@ def test_span_is_noop_without_opentelemetry() -> None:
     with span_for_message({"traceparent": TRACEPARENT}, "process") as span:
         assert span is None
         assert inject_traceparent() == {}
+
+
+@pytest.mark.usefixtures("without_opentelemetry")
+def test_missing_opentelemetry_imported_once() -> None:
+    for _ in range(3):
+        with span_for_message({}, "process") as span:
+            assert span is None
+        assert inject_traceparent() == {}
+
+    assert tracing._opentelemetry.cache_info().misses == 1
 
 
 @pytest.mark.usefixtures("without_opentelemetry")
