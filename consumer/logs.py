@@ -64,6 +64,7 @@ MESSAGE_CONTEXT_KEYS: tuple[str, ...] = (
     "delivery_count",
     "sequence_number",
 )
+_MESSAGE_CONTEXT_KEY_SET = frozenset(MESSAGE_CONTEXT_KEYS)
 
 # Event-dict keys whose whole value is a secret, whatever it looks like.
 SECRET_KEYS: frozenset[str] = frozenset(
@@ -238,10 +239,10 @@ def bind_message_context(**ids: Any) -> None:
     Accepts the names in `MESSAGE_CONTEXT_KEYS` and skips values that are None. The
     ids live in a `contextvars` context, so each asyncio task logs only its own ids.
     """
-    unknown = sorted(set(ids) - set(MESSAGE_CONTEXT_KEYS))
+    unknown = ids.keys() - _MESSAGE_CONTEXT_KEY_SET
     if unknown:
         raise TypeError(
-            f"unknown message context key(s) {', '.join(unknown)}; "
+            f"unknown message context key(s) {', '.join(sorted(unknown))}; "
             f"valid keys are {', '.join(MESSAGE_CONTEXT_KEYS)}"
         )
     values = {key: value for key, value in ids.items() if value is not None}
