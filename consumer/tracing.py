@@ -31,6 +31,10 @@ class _OpenTelemetry(NamedTuple):
 
     trace: ModuleType
     propagator: Any  # a W3C TraceContextTextMapPropagator
+    # From the global tracer provider. Taken before a provider is configured, it is a
+    # `ProxyTracer` that follows the one configured later. Keeping it is safe because
+    # opentelemetry-api (1.45) ignores a second `set_tracer_provider`.
+    global_tracer: Any
 
 
 @functools.cache
@@ -47,22 +51,22 @@ def _opentelemetry() -> _OpenTelemetry | None:
         )
     except ImportError:
         return None
-    return _OpenTelemetry(trace, TraceContextTextMapPropagator())
+    propagator = TraceContextTextMapPropagator()
+    return _OpenTelemetry(trace, propagator, trace.get_tracer(TRACER_NAME))
 
 
-# One tracer per tracer provider, as instrumentation usually keeps one per module.
-# A `ProxyTracer` from the default provider follows a provider configured later.
+# Tracers of providers passed in explicitly, one per provider, as instrumentation
+# usually keeps one tracer instead of asking the provider for each span.
 _tracers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _tracer(api: _OpenTelemetry, tracer_provider: Any) -> Any:
-    provider = tracer_provider
-    if provider is None:
-        provider = api.trace.get_tracer_provider()
-    tracer = _tracers.get(provider)
+    if tracer_provider is None:
+        return api.global_tracer
+    tracer = _tracers.get(tracer_provider)
     if tracer is None:
-        tracer = api.trace.get_tracer(TRACER_NAME, tracer_provider=provider)
-        _tracers[provider] = tracer
+        tracer = api.trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
+        _tracers[tracer_provider] = tracer
     return tracer
 
 

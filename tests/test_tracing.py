@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -272,3 +273,42 @@ async def test_handled_message_continues_trace(
 
 async def _noop_handler(event: Any, ctx: Any) -> None:
     return None
+
+
+# Runs in its own interpreter because OpenTelemetry lets a process set the global
+# tracer provider only once.
+GLOBAL_PROVIDER_SCRIPT = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+
+from consumer.tracing import span_for_message
+
+with span_for_message({}, "before") as span:
+    assert not span.is_recording()
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+with span_for_message({}, "after") as span:
+    assert span.is_recording()
+print(",".join(span.name for span in exporter.get_finished_spans()))
+"""
+
+
+def test_global_provider_set_later_records() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+
+    completed = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "after"
