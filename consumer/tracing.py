@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -114,35 +114,35 @@ def _clean_attributes(
     return cleaned
 
 
-@contextmanager
 def span_for_message(
     application_properties: Mapping[Any, Any] | None,
     name: str,
     attributes: Mapping[str, Any] | None = None,
     *,
     tracer_provider: Any = None,
-) -> Iterator[Any]:
-    """Run the `with` block in a consumer span that continues the message's trace.
+) -> AbstractContextManager[Any]:
+    """Start a consumer span that continues the message's trace, for a `with` block.
 
-    Yields the OpenTelemetry span, or None when opentelemetry-api is not installed.
-    Without trace headers in `application_properties` the span starts a new trace. An
-    exception leaving the block is recorded on the span and re-raised. `tracer_provider`
-    defaults to the global one.
+    `with span_for_message(...) as span` runs the block with `span` as the current
+    span, or with `span` None when opentelemetry-api is not installed. Without trace
+    headers in `application_properties` the span starts a new trace. An exception
+    leaving the block is recorded on the span and re-raised, and the span ends with
+    the block. `tracer_provider` defaults to the global one.
     """
     api = _opentelemetry()
     if api is None:
-        yield None
-        return
+        return nullcontext()
 
     parent = api.propagator.extract(trace_carrier(application_properties))
-    tracer = _tracer(api, tracer_provider)
-    with tracer.start_as_current_span(
+    span = _tracer(api, tracer_provider).start_span(
         name,
         context=parent,
         kind=api.trace.SpanKind.CONSUMER,
         attributes=_clean_attributes(attributes),
-    ) as span:
-        yield span
+    )
+    # What `Tracer.start_as_current_span` does, without its two context manager
+    # layers around `use_span` (opentelemetry-api and -sdk 1.45).
+    return api.trace.use_span(span, end_on_exit=True)  # type: ignore[no-any-return]
 
 
 def inject_traceparent() -> dict[str, str]:
