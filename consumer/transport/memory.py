@@ -93,9 +93,8 @@ class MemoryBroker:
         return None
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
-        # Yield once even when the predicate already holds, as a network round trip
-        # would, so that one session with a backlog cannot starve the other workers.
-        await asyncio.sleep(0)
+        # Return at once when the predicate already holds. The worker still yields to
+        # the event loop in every handler call, because each runs in a task of its own.
         found = predicate()
         if found:
             return found
