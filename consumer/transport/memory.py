@@ -94,7 +94,8 @@ class MemoryBroker:
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
         # Return at once when the predicate already holds. The worker still yields to
-        # the event loop in every handler call, because each runs in a task of its own.
+        # the event loop in every handler call, which runs in a task of its own (async
+        # handlers) or in the thread pool (sync handlers).
         found = predicate()
         if found:
             return found
