@@ -58,8 +58,8 @@ def _callback_event(event: asyncio.Event) -> CallbackEvent:
     if copy is None:
         copy = CallbackEvent()
         _copies[event] = copy
-        # No reference is kept: the future the task waits on, which `event` stores,
-        # keeps the task alive until the event is set.
+        # The task needs no reference here, because the future it waits on, which
+        # `event` stores, keeps it alive until the event is set.
         asyncio.get_running_loop().create_task(_copy_when_set(event, copy))
     return copy
 

@@ -42,7 +42,7 @@ def _opentelemetry() -> _OpenTelemetry | None:
     """Import opentelemetry-api once, or return None when it is not installed.
 
     The result is kept because a failed import searches `sys.path` again on every
-    call: about 70 us per message (timeit, Python 3.11, a shared 2-core machine).
+    call, about 70 us per message (timeit, Python 3.11, a shared 2-core machine).
     """
     try:
         from opentelemetry import trace
