@@ -209,9 +209,8 @@ class ConsumerApp:
         succeeded: set[int] = set()
 
         async def attempt(number: int) -> None:
-            await self._run_handlers(
-                specs, event, replace(context, attempt=number), succeeded
-            )
+            current = context if number == 1 else replace(context, attempt=number)
+            await self._run_handlers(specs, event, current, succeeded)
 
         error = await run_with_retries(
             attempt,
@@ -252,30 +251,29 @@ class ConsumerApp:
         context: EventContext,
         succeeded: set[int],
     ) -> None:
+        metrics = self.metrics
         labels = (self._entity, event_type_label(context.event_type))
+        in_flight = metrics.child(metrics.handlers_in_flight, self._entity)
+        duration = metrics.child(metrics.handler_duration, *labels)
         for index, spec in enumerate(specs):
             if index in succeeded:
                 continue
             started = time.perf_counter()
-            self.metrics.handlers_in_flight.labels(self._entity).inc()
+            in_flight.inc()
             try:
                 await self._call(spec, event, context)
             finally:
-                self.metrics.handlers_in_flight.labels(self._entity).dec()
-                elapsed_s = time.perf_counter() - started
-                self.metrics.handler_duration.labels(*labels).observe(elapsed_s)
+                in_flight.dec()
+                duration.observe(time.perf_counter() - started)
             succeeded.add(index)
-        self.metrics.handler_attempts.labels(*labels, "success").inc()
+        metrics.child(metrics.handler_attempts, *labels, "success").inc()
 
     async def _call(self, spec: HandlerSpec, event: Any, context: EventContext) -> None:
         timeout_s = self.settings.handler_timeout_s
+        running = self._start(spec, event, context)
         try:
-            if spec.is_async:
-                await asyncio.wait_for(spec.func(event, context), timeout_s)  # type: ignore[arg-type]
-                return
-            await asyncio.wait_for(
-                self._call_in_thread(spec, event, context), timeout_s
-            )
+            async with asyncio.timeout(timeout_s):
+                await running
         except TimeoutError:
             # NOTE: a sync handler cannot be interrupted; its thread runs on after the
             # timeout, while the message is already being retried.
@@ -283,12 +281,22 @@ class ConsumerApp:
                 f"handler {spec.name} ran longer than handler_timeout_s={timeout_s}"
             ) from None
 
-    async def _call_in_thread(
+    def _start(
         self, spec: HandlerSpec, event: Any, context: EventContext
-    ) -> None:
+    ) -> asyncio.Future[Any]:
+        """Start one handler call, in a copy of the worker's context variables.
+
+        An async handler gets a task of its own and a sync one runs in the thread
+        pool. Either way the variables the handler sets, such as structlog context,
+        stay out of the worker's later log lines.
+        """
+        if spec.is_async:
+            return asyncio.ensure_future(spec.func(event, context))  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         bound = contextvars.copy_context()
-        await loop.run_in_executor(self._executor, bound.run, spec.func, event, context)
+        return loop.run_in_executor(
+            self._executor, bound.run, spec.func, event, context
+        )
 
     def _on_attempt_failed(
         self, context: EventContext, failure: AttemptFailure

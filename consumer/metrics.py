@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -67,6 +68,8 @@ _REASON_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 ENTITY = ("entity",)
 BY_EVENT = ("entity", "event_type")
 
+CollectorT = TypeVar("CollectorT", Counter, Gauge, Histogram)
+
 
 def event_type_label(value: str | None) -> str:
     """Return `value` when it is a known event type, else "unknown"."""
@@ -87,6 +90,7 @@ class ConsumerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._extra_reasons: set[str] = set()
         self._reasons_lock = threading.Lock()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._add_message_metrics()
         self._add_handler_metrics()
         self._add_session_metrics()
@@ -198,6 +202,21 @@ class ConsumerMetrics:
         self.reconnects = self._counter(
             "reconnects", "Connections re-established after a transport error.", ENTITY
         )
+
+    def child(self, collector: CollectorT, *label_values: str) -> CollectorT:
+        """Return `collector.labels(*label_values)`, looked up once and then cached.
+
+        `labels()` converts the values and takes a lock on every call, several times
+        per message on the hot path. Children stay cached for the life of this
+        object, which the bounded label values keep small. The series appears in the
+        registry at the first call, as it does with `labels()`.
+        """
+        key = (collector, label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = collector.labels(*label_values)
+            self._children[key] = found
+        return found
 
     def reason_label(self, reason: str | None) -> str:
         """Return a bounded `reason` label value for a dead-letter reason.

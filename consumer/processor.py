@@ -406,7 +406,8 @@ class SessionProcessor:
         lost lock, or a parked order's dead-letter.
         """
         event_type = event_type_label(message.subject)
-        self._metrics.messages_received.labels(self._entity, event_type).inc()
+        metrics = self._metrics
+        metrics.child(metrics.messages_received, self._entity, event_type).inc()
         held.message_started_at = time.monotonic()
         with (
             span_for_message(

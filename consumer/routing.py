@@ -148,5 +148,14 @@ class Router:
 
 
 def bind_log(**ids: Any) -> Any:
-    """Return a structlog logger with `ids` bound, for an `EventContext`."""
-    return structlog.get_logger("orders_consumer.handler").bind(**ids)
+    """Return a structlog logger with `ids` bound, for an `EventContext`.
+
+    The logger is assembled from the logging configuration at its first use and then
+    reused, so it is never assembled for a handler that does not log.
+    """
+    return structlog.wrap_logger(
+        None,
+        logger_factory_args=("orders_consumer.handler",),
+        cache_logger_on_first_use=True,
+        **ids,
+    )

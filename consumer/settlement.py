@@ -211,23 +211,23 @@ def record(
     labels = (entity, event_type)
     outcome = settlement.outcome
     if outcome is Outcome.COMPLETED:
-        metrics.messages_completed.labels(*labels).inc()
+        metrics.child(metrics.messages_completed, *labels).inc()
         log.debug("message_completed")
     elif outcome is Outcome.DUPLICATE:
-        metrics.messages_duplicate.labels(*labels).inc()
+        metrics.child(metrics.messages_duplicate, *labels).inc()
         log.info("message_skipped", reason="already handled")
     elif outcome is Outcome.IGNORED:
-        metrics.messages_ignored.labels(*labels).inc()
+        metrics.child(metrics.messages_ignored, *labels).inc()
         log.info("message_ignored", reason=settlement.reason)
     elif outcome is Outcome.DEFERRED:
-        metrics.messages_deferred.labels(*labels).inc()
+        metrics.child(metrics.messages_deferred, *labels).inc()
         log.info("message_deferred")
     elif outcome is Outcome.ABANDONED:
-        metrics.messages_abandoned.labels(*labels).inc()
+        metrics.child(metrics.messages_abandoned, *labels).inc()
         log.warning("message_abandoned", error=settlement.description)
     else:
         reason = metrics.reason_label(settlement.reason)
-        metrics.messages_dead_lettered.labels(*labels, reason).inc()
+        metrics.child(metrics.messages_dead_lettered, *labels, reason).inc()
         log.error(
             "message_dead_lettered",
             reason=settlement.reason,
@@ -235,4 +235,4 @@ def record(
         )
     if message.enqueued_at is not None:
         lag_s = (datetime.now(UTC) - message.enqueued_at).total_seconds()
-        metrics.end_to_end_lag.labels(*labels).observe(max(lag_s, 0.0))
+        metrics.child(metrics.end_to_end_lag, *labels).observe(max(lag_s, 0.0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from consumer.checkpoint import (
@@ -83,3 +85,44 @@ def test_empty_state_is_fresh() -> None:
 def test_foreign_state_raises(state: bytes) -> None:
     with pytest.raises(CheckpointError):
         SessionCheckpoint.decode(state)
+
+
+def reference_encoding(checkpoint: SessionCheckpoint) -> bytes:
+    """Encode `checkpoint` with `json.dumps`, the text the state had so far."""
+    document = {name: json.loads(text) for name, text in checkpoint.other_keys}
+    document |= {
+        "version": 1,
+        "lastSequenceNumber": checkpoint.last_sequence_number,
+        "recentMessageIds": list(checkpoint.recent_message_ids),
+        "deferredSequenceNumbers": list(checkpoint.deferred_sequence_numbers),
+        "parked": None,
+    }
+    if checkpoint.parked is not None:
+        document["parked"] = {
+            "messageId": checkpoint.parked.message_id,
+            "sequenceNumber": checkpoint.parked.sequence_number,
+            "reason": checkpoint.parked.reason,
+            "description": checkpoint.parked.description,
+        }
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        SessionCheckpoint(),
+        SessionCheckpoint(5, ("m1", "id with spaces", "~!#[]")),
+        SessionCheckpoint(
+            7,
+            ('q"uote', "back\\slash", "ünïcode", "tab\t", "\x7f", "emoji 😀"),
+            ParkRecord('m"2', 3, "MaxRetriesExceeded", "ValueError: déjà vu"),
+            (4, 9),
+            (("unpark", '{"skip":true,"amount":1.5}'), ("zé", '"x"')),
+        ),
+    ],
+)
+def test_encoding_matches_json_dumps(checkpoint: SessionCheckpoint) -> None:
+    encoded = checkpoint.encode()
+
+    assert encoded == reference_encoding(checkpoint)
+    assert SessionCheckpoint.decode(encoded) == checkpoint

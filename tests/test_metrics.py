@@ -19,6 +19,7 @@ from consumer.metrics import (
 )
 
 BY_EVENT = ("entity", "event_type")
+LABELS = ("orders", "ORDER_CREATED")
 
 # attribute -> (collector type, exposed family name, label names)
 EXPECTED = {
@@ -169,6 +170,33 @@ def test_value_rejects_unknown_name() -> None:
 
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
         metrics.value("nope")
+
+
+def test_child_returns_cached_labels_child() -> None:
+    metrics = ConsumerMetrics()
+
+    first = metrics.child(metrics.messages_completed, *LABELS)
+    again = metrics.child(metrics.messages_completed, *LABELS)
+    first.inc()
+    again.inc()
+
+    assert again is first
+    assert first is metrics.messages_completed.labels(*LABELS)
+    count = metrics.value(
+        "messages_completed", entity="orders", event_type="ORDER_CREATED"
+    )
+    assert count == 2.0
+
+
+def test_child_keys_by_collector_and_values() -> None:
+    metrics = ConsumerMetrics()
+
+    completed = metrics.child(metrics.messages_completed, *LABELS)
+    received = metrics.child(metrics.messages_received, *LABELS)
+    other_type = metrics.child(metrics.messages_completed, "orders", "ORDER_UPDATED")
+
+    assert completed is not received
+    assert completed is not other_type
 
 
 def test_event_type_label_bounds_values() -> None:

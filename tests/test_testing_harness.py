@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import pytest
+import structlog
 
 from consumer import DeadLetter, EventContext, PermanentError, RetryLater
 from consumer.app import ConsumerApp
@@ -67,6 +70,32 @@ async def test_handler_log_lines_are_captured_with_ids() -> None:
     assert line["message_id"] == "m7"
     assert line["log_level"] == "info"
     assert any(entry["event"] == "event_recorded" for entry in harness.logs)
+
+
+def bind_tenant(event: Any, ctx: EventContext) -> None:
+    structlog.contextvars.bind_contextvars(tenant="t-1")
+    ctx.log.info("tenant_bound")
+
+
+async def bind_tenant_async(event: Any, ctx: EventContext) -> None:
+    bind_tenant(event, ctx)
+
+
+@pytest.mark.parametrize("handler", [bind_tenant, bind_tenant_async])
+async def test_handler_context_stays_in_handler(handler: Any) -> None:
+    app = new_app()
+    app.router.add_handler("ORDER_CREATED", handler)
+    harness = ConsumerTestHarness(app)
+
+    await harness.deliver(make_event("ORDER_CREATED", "o-1"), message_id="m1")
+    await harness.deliver(make_event("ORDER_CREATED", "o-1"), message_id="m2")
+
+    bound = [entry for entry in harness.logs if entry["event"] == "tenant_bound"]
+    completed = [e for e in harness.logs if e["event"] == "message_completed"]
+    assert len(bound) == 2
+    assert all(entry["tenant"] == "t-1" for entry in bound)
+    assert len(completed) == 2
+    assert all("tenant" not in entry for entry in completed)
 
 
 async def test_duplicate_message_id_runs_handlers_once() -> None:
@@ -178,6 +207,29 @@ async def test_failing_handler_ends_in_max_retries_exceeded() -> None:
     # max_delivery_count=3: two abandons, then the framework dead-letters the third.
     assert result.deliveries == 3
     assert harness.parked_orders() == {}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+async def test_handler_timeout_dead_letters(asynchronous: bool) -> None:
+    app = new_app(handler_timeout_s=0.05, retry_attempts=1, max_delivery_count=1)
+    release = threading.Event()
+
+    def block(event: Any, ctx: EventContext) -> None:
+        release.wait(timeout=30)
+
+    async def block_async(event: Any, ctx: EventContext) -> None:
+        await asyncio.sleep(30)
+
+    app.router.add_handler("ORDER_CREATED", block_async if asynchronous else block)
+    harness = ConsumerTestHarness(app)
+    try:
+        result = await harness.deliver(make_event("ORDER_CREATED", "o-1"))
+    finally:
+        release.set()
+
+    timed_out = "ran longer than handler_timeout_s=0.05"
+    assert result.dead_lettered_with("MaxRetriesExceeded", timed_out), result
+    assert harness.metric("handlers_in_flight") == 0.0
 
 
 async def test_retry_then_success_completes_in_one_delivery() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from consumer import tracing
 from consumer.tracing import (
     inject_traceparent,
     span_for_message,
@@ -49,12 +51,19 @@ def test_carrier_empty_without_headers() -> None:
 
 
 @pytest.fixture
-def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every `import opentelemetry...` raise ImportError for one test."""
+def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make every `import opentelemetry...` raise ImportError for one test.
+
+    `consumer.tracing` keeps the result of its import, so the kept result is dropped
+    before the test and again after it.
+    """
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     for name in list(sys.modules):
         if name.startswith("opentelemetry."):
             monkeypatch.setitem(sys.modules, name, None)
+    tracing._opentelemetry.cache_clear()
+    yield
+    tracing._opentelemetry.cache_clear()
 
 
 @pytest.mark.usefixtures("without_opentelemetry")
@@ -62,6 +71,16 @@ def test_span_is_noop_without_opentelemetry() -> None:
     with span_for_message({"traceparent": TRACEPARENT}, "process") as span:
         assert span is None
         assert inject_traceparent() == {}
+
+
+@pytest.mark.usefixtures("without_opentelemetry")
+def test_missing_opentelemetry_imported_once() -> None:
+    for _ in range(3):
+        with span_for_message({}, "process") as span:
+            assert span is None
+        assert inject_traceparent() == {}
+
+    assert tracing._opentelemetry.cache_info().misses == 1
 
 
 @pytest.mark.usefixtures("without_opentelemetry")
@@ -254,3 +273,42 @@ async def test_handled_message_continues_trace(
 
 async def _noop_handler(event: Any, ctx: Any) -> None:
     return None
+
+
+# Runs in its own interpreter because OpenTelemetry lets a process set the global
+# tracer provider only once.
+GLOBAL_PROVIDER_SCRIPT = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+
+from consumer.tracing import span_for_message
+
+with span_for_message({}, "before") as span:
+    assert not span.is_recording()
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+with span_for_message({}, "after") as span:
+    assert span.is_recording()
+print(",".join(span.name for span in exporter.get_finished_spans()))
+"""
+
+
+def test_global_provider_set_later_records() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+
+    completed = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "after"

@@ -93,11 +93,16 @@ class MemoryBroker:
         return None
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
+        # Return at once when the predicate already holds. The worker still yields to
+        # the event loop in every handler call, which runs in a task of its own (async
+        # handlers) or in the thread pool (sync handlers).
+        found = predicate()
+        if found:
+            return found
         async with self._changed:
             try:
-                return await asyncio.wait_for(
-                    self._changed.wait_for(predicate), timeout=max_wait_s
-                )
+                async with asyncio.timeout(max_wait_s):
+                    return await self._changed.wait_for(predicate)
             except TimeoutError:
                 return None
 
