@@ -93,11 +93,14 @@ class MemoryBroker:
         return None
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
+        # The wait runs in the caller's task. Under asyncio.wait_for the condition
+        # re-acquired its lock in a separate task, and a cancel that arrived while
+        # wait_for was timing out could leave the lock locked with no task to
+        # release it, which hung every later accept and close.
         async with self._changed:
             try:
-                return await asyncio.wait_for(
-                    self._changed.wait_for(predicate), timeout=max_wait_s
-                )
+                async with asyncio.timeout(max_wait_s):
+                    return await self._changed.wait_for(predicate)
             except TimeoutError:
                 return None
 
