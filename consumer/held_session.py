@@ -20,11 +20,18 @@ async def unless_set(
     """Await `operation` unless one of `events` is set first, which cancels it.
 
     Return whether the operation finished, and its result (None when cancelled).
+    Cancelling the caller cancels the operation too.
     """
     task = asyncio.ensure_future(operation)
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # Left running, a stopped worker's `take()` could still hand out a session
+        # that no worker would then work.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
     finally:
         for waiter in waiters:
             waiter.cancel()

@@ -95,22 +95,35 @@ class SessionSupply:
         """
         while True:
             receiver = await self._ready.get()
-            await self._stop_keeping(receiver)
-            locked_until = receiver.locked_until
-            if locked_until is None or locked_until > datetime.now(UTC):
-                try:
-                    await receiver.renew_lock()
-                    return receiver
-                except TransportError as error:
-                    log.warning(
-                        "standby_session_renewal_failed",
-                        order_id=receiver.session_id,
-                        error=log_exception_text(error),
-                    )
-            else:
-                log.warning("standby_session_expired", order_id=receiver.session_id)
+            try:
+                renewed = await self._renew_for_worker(receiver)
+            except asyncio.CancelledError:
+                # The worker stopped during the handover. The session is then neither
+                # queued nor held, so nothing else would close it.
+                await self._close_quietly(receiver)
+                self.release()
+                raise
+            if renewed:
+                return receiver
             await self._close_quietly(receiver)
             self.release()
+
+    async def _renew_for_worker(self, receiver: SessionReceiver) -> bool:
+        await self._stop_keeping(receiver)
+        locked_until = receiver.locked_until
+        if locked_until is None or locked_until > datetime.now(UTC):
+            try:
+                await receiver.renew_lock()
+                return True
+            except TransportError as error:
+                log.warning(
+                    "standby_session_renewal_failed",
+                    order_id=receiver.session_id,
+                    error=log_exception_text(error),
+                )
+        else:
+            log.warning("standby_session_expired", order_id=receiver.session_id)
+        return False
 
     def release(self) -> None:
         """Free the place of a session a worker took, so another can be accepted."""
