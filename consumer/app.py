@@ -69,8 +69,10 @@ class ConsumerApp:
         self._transport = transport
         self._processor: SessionProcessor | None = None
         self._stop_requested = False
+        self._stop_requested_at: float | None = None
         self._retry_policy = RetryPolicy.from_settings(settings)
         self._executor: ThreadPoolExecutor | None = None
+        self._handler_threads = _ThreadCount()
         self._transport_close: asyncio.Task[None] | None = None
         self._entity = ""
 
@@ -90,8 +92,25 @@ class ConsumerApp:
         """Add every handler of `router`, after the handlers already registered."""
         self.router.include_router(router)
 
+    @property
+    def handler_threads_running(self) -> int:
+        """Number of sync handler calls still running in their threads.
+
+        A thread cannot be interrupted, so a sync handler cancelled at the end of
+        the grace period runs on after its message was abandoned, and after `run()`
+        returned. The interpreter waits for these threads before it exits.
+        """
+        return self._handler_threads.value
+
+    @property
+    def stop_requested_at(self) -> float | None:
+        """`time.monotonic()` of the first `stop()` call, SIGTERM or SIGINT, or None."""
+        return self._stop_requested_at
+
     def stop(self) -> None:
         """Start a drain: accept no new sessions and let in-flight handlers finish."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._stop_requested = True
         if self._processor is not None:
             self._processor.stop()
@@ -311,7 +330,14 @@ class ConsumerApp:
     ) -> None:
         loop = asyncio.get_running_loop()
         bound = contextvars.copy_context()
-        await loop.run_in_executor(self._executor, bound.run, spec.func, event, context)
+        await loop.run_in_executor(
+            self._executor,
+            self._handler_threads.run,
+            bound.run,
+            spec.func,
+            event,
+            context,
+        )
 
     def _on_attempt_failed(
         self, context: EventContext, failure: AttemptFailure
@@ -331,3 +357,21 @@ class ConsumerApp:
             retry_in_s=round(failure.delay_s, 3),
             error=log_exception_text(error),
         )
+
+
+class _ThreadCount:
+    """Count the calls running in pool threads, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Call `func(*args)` in this thread, counted while it runs."""
+        with self._lock:
+            self.value += 1
+        try:
+            return func(*args)
+        finally:
+            with self._lock:
+                self.value -= 1
