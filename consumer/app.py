@@ -31,13 +31,21 @@ from consumer.events import EventRejected, parse_event
 from consumer.http import HealthState
 from consumer.logs import log_exception_text
 from consumer.metrics import ConsumerMetrics, event_type_label
-from consumer.processor import SessionProcessor
+from consumer.processor import SESSION_CLOSE_MARGIN_S, SessionProcessor
 from consumer.retry import AttemptFailure, RetryPolicy, is_retryable, run_with_retries
 from consumer.routing import EventContext, HandlerFunc, HandlerSpec, Router, bind_log
 from consumer.settlement import Settlement
 from consumer.transport import InboundMessage, Transport
 
 log = structlog.get_logger("orders_consumer.app")
+
+# Closing the transport (the Service Bus client) after the processor stopped gets this
+# long. A close still running then goes on in the background, and the broker releases
+# what it held when the process exits and the connection drops.
+CLIENT_CLOSE_TIMEOUT_S = 1.0
+# `run()` returns at most `shutdown_grace_s` plus this long after a stop: the grace
+# period, then the session closes, then the client close.
+SHUTDOWN_MARGIN_S = SESSION_CLOSE_MARGIN_S + CLIENT_CLOSE_TIMEOUT_S
 
 
 class ConsumerApp:
@@ -61,8 +69,11 @@ class ConsumerApp:
         self._transport = transport
         self._processor: SessionProcessor | None = None
         self._stop_requested = False
+        self._stop_requested_at: float | None = None
         self._retry_policy = RetryPolicy.from_settings(settings)
         self._executor: ThreadPoolExecutor | None = None
+        self._handler_threads = _ThreadCount()
+        self._transport_close: asyncio.Task[None] | None = None
         self._entity = ""
 
     @classmethod
@@ -81,8 +92,25 @@ class ConsumerApp:
         """Add every handler of `router`, after the handlers already registered."""
         self.router.include_router(router)
 
+    @property
+    def handler_threads_running(self) -> int:
+        """Number of sync handler calls still running in their threads.
+
+        A thread cannot be interrupted, so a sync handler cancelled at the end of
+        the grace period runs on after its message was abandoned, and after `run()`
+        returned. The interpreter waits for these threads before it exits.
+        """
+        return self._handler_threads.value
+
+    @property
+    def stop_requested_at(self) -> float | None:
+        """`time.monotonic()` of the first `stop()` call, SIGTERM or SIGINT, or None."""
+        return self._stop_requested_at
+
     def stop(self) -> None:
         """Start a drain: accept no new sessions and let in-flight handlers finish."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._stop_requested = True
         if self._processor is not None:
             self._processor.stop()
@@ -91,8 +119,8 @@ class ConsumerApp:
         """Consume until `stop()`, SIGTERM or SIGINT, or batch mode runs out of work.
 
         With `until_idle_s`, return once no session has been available for that many
-        seconds. Raises `BrokerUnavailable` after `max_disconnected_s` without a
-        connection.
+        seconds. After a stop, return within `shutdown_grace_s + SHUTDOWN_MARGIN_S`.
+        Raises `BrokerUnavailable` after `max_disconnected_s` without a connection.
         """
         transport = self._transport or self._create_transport()
         self._entity = transport.entity
@@ -113,9 +141,23 @@ class ConsumerApp:
         finally:
             for remove in removers:
                 remove()
-            await transport.close()
+            await self._close_transport(transport)
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("consumer_stopped", entity=self._entity)
+
+    async def _close_transport(self, transport: Transport) -> None:
+        closing = asyncio.create_task(transport.close(), name="transport-close")
+        done, _ = await asyncio.wait({closing}, timeout=CLIENT_CLOSE_TIMEOUT_S)
+        if done:
+            await closing
+            return
+        # Referenced here so that the task is not garbage-collected while it runs.
+        self._transport_close = closing
+        log.warning(
+            "transport_close_timed_out",
+            entity=self._entity,
+            timeout_s=CLIENT_CLOSE_TIMEOUT_S,
+        )
 
     def _create_transport(self) -> Transport:
         # Imported here so that building an app for tests does not load the Azure SDK.
@@ -295,7 +337,12 @@ class ConsumerApp:
         loop = asyncio.get_running_loop()
         bound = contextvars.copy_context()
         return loop.run_in_executor(
-            self._executor, bound.run, spec.func, event, context
+            self._executor,
+            self._handler_threads.run,
+            bound.run,
+            spec.func,
+            event,
+            context,
         )
 
     def _on_attempt_failed(
@@ -316,3 +363,21 @@ class ConsumerApp:
             retry_in_s=round(failure.delay_s, 3),
             error=log_exception_text(error),
         )
+
+
+class _ThreadCount:
+    """Count the calls running in pool threads, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Call `func(*args)` in this thread, counted while it runs."""
+        with self._lock:
+            self.value += 1
+        try:
+            return func(*args)
+        finally:
+            with self._lock:
+                self.value -= 1

@@ -1,18 +1,24 @@
 """The `orders-consumer` command: run, broker, publish, generate and demo.
 
-Exit codes: 0 on success, 1 when the work failed (the broker stayed unreachable, the
-demo found a wrong count), 2 for invalid configuration or arguments. A configuration
-error prints its message without a traceback, and secrets are redacted from every
-error printed.
+Exit codes: 0 on success, including `run` stopped by SIGTERM or SIGINT, 1 when the
+work failed (the broker stayed unreachable, the demo found a wrong count), 2 for
+invalid configuration or arguments. A configuration error prints its message without a
+traceback, and secrets are redacted from every error printed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 
 from consumer.cli_admin import dlq_cli, sessions_cli
@@ -21,6 +27,13 @@ from consumer.redact import redact
 
 EXIT_FAILED = 1
 EXIT_CONFIGURATION = 2
+# After SIGTERM or SIGINT, `ConsumerApp.run()` returns within shutdown_grace_s +
+# SHUTDOWN_MARGIN_S. Stopping the operations server and the interpreter get this much
+# more, after which the process exits whatever still runs.
+EXIT_MARGIN_S = 1.0
+WATCHDOG_INTERVAL_S = 0.5
+
+log = structlog.get_logger("orders_consumer.cli")
 
 cli = typer.Typer(
     name="orders-consumer",
@@ -72,13 +85,69 @@ def run(
         app.metrics.registry, app.health, settings.metrics_host, settings.metrics_port
     )
     server.start()
+    _start_exit_watchdog(app)
+    code = EXIT_FAILED
     try:
         asyncio.run(app.run(until_idle_s=until_idle))
+        code = 0
     except (BrokerUnavailable, TransportError) as error:
         raise _fail(str(error), EXIT_FAILED) from None
     finally:
         server.stop()
+        _exit_if_handler_threads_run(app, code)
         store.close()
+
+
+def _start_exit_watchdog(
+    app: Any, exit_process: Callable[[int], Any] = os._exit
+) -> threading.Thread:
+    """Start a thread that ends the process if it outlives the stop bound.
+
+    The bound is `shutdown_grace_s + SHUTDOWN_MARGIN_S + EXIT_MARGIN_S` after the
+    stop request. Past it, something that the asyncio shutdown cannot cancel keeps
+    the process alive: a handler that blocks the event loop, or a DNS lookup that
+    `asyncio.run` waits for at exit. The broker releases the sessions and messages
+    still locked when the process exits and its connections drop, which is what a
+    SIGKILL from Kubernetes would do later.
+    """
+    from consumer.app import SHUTDOWN_MARGIN_S
+
+    def watch() -> None:
+        while app.stop_requested_at is None:
+            time.sleep(WATCHDOG_INTERVAL_S)
+        bound_s = app.settings.shutdown_grace_s + SHUTDOWN_MARGIN_S + EXIT_MARGIN_S
+        time.sleep(max(0.0, app.stop_requested_at + bound_s - time.monotonic()))
+        log.error("shutdown_timed_out", bound_s=bound_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        exit_process(0)
+
+    thread = threading.Thread(target=watch, name="exit-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def _exit_if_handler_threads_run(app: Any, code: int) -> None:
+    """Exit the process at once when sync handlers still run after the stop.
+
+    The interpreter joins every thread of a ThreadPoolExecutor before it exits, so a
+    handler blocked on I/O would hold the process past the stop bound, for as long as
+    it blocks. Its message was abandoned when the grace period ended. `os._exit`
+    skips that join and the store's close, which would wait for the same threads.
+    SQLite rolls back the transaction the thread left open.
+    """
+    running = app.handler_threads_running
+    if not running:
+        return
+    error = sys.exception()
+    if error is not None and not isinstance(error, typer.Exit):
+        # An unexpected error is on its way out, and os._exit would drop it unseen.
+        traceback.print_exception(error)
+        code = EXIT_FAILED
+    log.warning("handler_threads_abandoned", threads=running, exit_code=code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _install_bundled_handlers(app: Any) -> Any:

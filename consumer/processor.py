@@ -44,6 +44,35 @@ PEEK_AHEAD = 32
 # 0.2 s whatever its max_wait_time, so a shorter slice would not return sooner.
 YIELD_CHECK_INTERVAL_S = 0.25
 
+# On stop, workers get `shutdown_grace_s` to finish the message in flight. The abandons
+# of the messages cancelled after it and the session closes get this much longer. What
+# still runs then is left behind, and the broker releases those sessions when the
+# connection closes. A close took about 0.5 s against the local broker.
+SESSION_CLOSE_MARGIN_S = 2.0
+
+
+async def _wait_until(
+    tasks: set[asyncio.Task[None]], deadline: float
+) -> set[asyncio.Task[None]]:
+    """Wait for `tasks` until `deadline`, a `time.monotonic()` value.
+
+    Return the tasks still running. The error of a task that failed is logged,
+    because nothing else reads it.
+    """
+    if not tasks:
+        return set()
+    timeout_s = max(0.0, deadline - time.monotonic())
+    done, running = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.warning(
+                "shutdown_task_failed",
+                task=task.get_name(),
+                error=log_exception_text(error),
+            )
+    return running
+
 
 class BrokerUnavailable(TransportError):
     """No session could be accepted for longer than `max_disconnected_s`."""
@@ -101,8 +130,9 @@ class SessionProcessor:
         """Run until `stop()`, or until no session was available for `until_idle_s`.
 
         On stop, workers get `shutdown_grace_s` to finish the message in flight; after
-        that they are cancelled and their messages abandoned. Raises `BrokerUnavailable`
-        when no connection could be made for `max_disconnected_s`.
+        that they are cancelled and their messages abandoned. So `run()` returns at
+        most `shutdown_grace_s + SESSION_CLOSE_MARGIN_S` after the stop. Raises
+        `BrokerUnavailable` when no connection could be made for `max_disconnected_s`.
         """
         self._set_health("set_accepting", True)
         self._supply.start()
@@ -117,8 +147,13 @@ class SessionProcessor:
             self._stopping.set()
             self._set_health("set_accepting", False)
             watcher.cancel()
-            await self._supply.stop()
-            await self._drain(workers)
+            grace_ends_at = time.monotonic() + self._settings.shutdown_grace_s
+            closes_end_at = grace_ends_at + SESSION_CLOSE_MARGIN_S
+            # The standby sessions close while the workers finish their messages.
+            await asyncio.gather(
+                self._supply.stop(closes_end_at),
+                self._drain(workers, grace_ends_at, closes_end_at),
+            )
         if self._fatal is not None:
             raise self._fatal
 
@@ -138,16 +173,34 @@ class SessionProcessor:
             log.error("processor_task_failed", task=task.get_name(), exc_info=error)
             self._fatal = error
 
-    async def _drain(self, slots: list[asyncio.Task[None]]) -> None:
-        grace_s = self._settings.shutdown_grace_s
-        _, pending = await asyncio.wait(slots, timeout=grace_s) if slots else ((), ())
-        if pending:
-            log.warning("shutdown_grace_expired", cancelled_sessions=len(pending))
-            for task in pending:
+    async def _drain(
+        self,
+        workers: list[asyncio.Task[None]],
+        grace_ends_at: float,
+        closes_end_at: float,
+    ) -> None:
+        """Let workers finish their message until `grace_ends_at`, then cancel them.
+
+        A cancelled worker abandons its message and closes its session. Those
+        abandons and every session close get until `closes_end_at`. Both times are
+        `time.monotonic()` values.
+        """
+        running = await _wait_until(set(workers), grace_ends_at)
+        if running:
+            log.warning("shutdown_grace_expired", cancelled_sessions=len(running))
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            running = await _wait_until(running, closes_end_at)
+        closing = await _wait_until(set(self._closing), closes_end_at)
+        if running or closing:
+            # The tasks go on in the background. When the process exits first, the
+            # broker releases their sessions as the connections close.
+            log.warning(
+                "shutdown_closes_abandoned",
+                workers=len(running),
+                session_closes=len(closing),
+                margin_s=SESSION_CLOSE_MARGIN_S,
+            )
         log.info("processor_stopped", entity=self._entity)
 
     async def _watch(self, until_idle_s: float | None) -> None:

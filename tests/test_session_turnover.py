@@ -12,14 +12,19 @@ import asyncio
 import json
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from consumer.app import ConsumerApp
 from consumer.config import Settings
 from consumer.metrics import ConsumerMetrics
 from consumer.processor import PEEK_AHEAD
 from consumer.testing import make_event
-from consumer.transport.memory import MemoryBroker, MemorySessionReceiver, MemoryTransport
+from consumer.transport.memory import (
+    MemoryBroker,
+    MemorySessionReceiver,
+    MemoryTransport,
+)
 from consumer.transport.supply import EMPTY_ENTITY_PROBES, SessionSupply
-from prometheus_client import CollectorRegistry
 
 ENTITY = "orders.turnover.events"
 # Far longer than any wait in these tests, so only an early release can explain a

@@ -114,7 +114,11 @@ class Transport(Protocol):
         ...
 
     async def accept_session(self, max_wait_s: float) -> SessionReceiver | None:
-        """Lock the next available session, or return None after `max_wait_s`."""
+        """Lock the next available session, or return None after `max_wait_s`.
+
+        When cancelled, release any session the accept locked, so that stopping the
+        consumer can cancel accepts in flight.
+        """
         ...
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import certifi
+import structlog
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.amqp import AmqpMessageBodyType
@@ -29,10 +30,12 @@ from azure.servicebus.exceptions import (
 from consumer.config import Settings
 from consumer.dlq import ORIGINAL_SEQUENCE_PROPERTY
 from consumer.errors import SessionLockLost, TransportError
+from consumer.logs import log_exception_text
 from consumer.redact import redact
 from consumer.transport import InboundMessage
 
 T = TypeVar("T")
+log = structlog.get_logger("orders_consumer.transport")
 
 # Closing a receiver took about 0.5 s against the local broker. A close that takes far
 # longer is given up, so a drain cannot hang on it.
@@ -325,17 +328,33 @@ class AzureTransport:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Close the client and, when one was created, the Azure AD credential."""
+        """Close the client and, when one was created, the Azure AD credential.
+
+        The closes of refused, timed-out or cancelled accepts, which run in the
+        background, get up to `CLOSE_TIMEOUT_S` to end first. `ConsumerApp` bounds
+        the whole close to a shorter time.
+        """
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT_S)
+        await self._close_client()
+        if self._credential is not None:
+            await self._credential.close()
+
+    async def _close_client(self) -> None:
         for _ in range(CLIENT_CLOSE_ATTEMPTS):
             try:
                 await self._client.close()
-                break
-            except RuntimeError:
-                # The SDK iterates a WeakSet of its receivers while closing them, and
-                # a receiver collected meanwhile changes the set. Closing again
-                # closes the rest.
+                return
+            except RuntimeError as error:
+                # azure-servicebus 7.15.0 iterates a WeakSet of its receivers while it
+                # awaits their closes. Creating a receiver then adds to the set and
+                # commits the removals of receivers garbage-collected since the
+                # iteration began, so it fails. Closing again closes the rest.
+                failure = error
                 await asyncio.sleep(0)
-        if self._credential is not None:
-            await self._credential.close()
+        log.warning(
+            "client_close_failed",
+            entity=self.entity,
+            attempts=CLIENT_CLOSE_ATTEMPTS,
+            error=log_exception_text(failure),
+        )

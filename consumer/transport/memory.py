@@ -93,9 +93,10 @@ class MemoryBroker:
         return None
 
     async def _wait_for(self, predicate: Any, max_wait_s: float) -> Any:
-        # Return at once when the predicate already holds. The worker still yields to
-        # the event loop in every handler call, which runs in a task of its own (async
-        # handlers) or in the thread pool (sync handlers).
+        # The wait runs in the caller's task. Under asyncio.wait_for the condition
+        # re-acquired its lock in a separate task, and a cancel that arrived while
+        # wait_for was timing out could leave the lock locked with no task to
+        # release it, which hung every later accept and close.
         found = predicate()
         if found:
             return found

@@ -26,9 +26,6 @@ log = structlog.get_logger("orders_consumer.supply")
 # Accept failures back off from this to the cap, so a broker outage costs no CPU.
 RECONNECT_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 10.0
-# An accept in flight at stop ends within accept_timeout_s; past this extra margin
-# the drain goes on without it.
-STOP_MARGIN_S = 2.0
 # Shortest wait between two renewals of a waiting session's lock.
 STANDBY_RENEW_MIN_S = 0.2
 # Accepts kept in flight while the entity has no session to offer.
@@ -78,6 +75,8 @@ class SessionSupply:
         self._acceptors: list[asyncio.Task[None]] = []
         self._accepting: set[asyncio.Task[Any] | None] = set()
         self._stopped = False
+        # Closes started by `stop()`, kept referenced until they end.
+        self._stop_closes: set[asyncio.Task[None]] = set()
         # Set by an accept failure and cleared, counting a reconnect, by the next
         # accept that reaches the broker.
         self._disconnected = False
@@ -117,7 +116,14 @@ class SessionSupply:
             finally:
                 self._takers -= 1
             self._finish_outstanding()
-            if await self._hand_over(receiver):
+            try:
+                handed_over = await self._hand_over(receiver)
+            except asyncio.CancelledError:
+                # The worker stopped during the handover. The session is then neither
+                # queued nor held, so nothing else would close it.
+                await self._close_quietly(receiver)
+                raise
+            if handed_over:
                 return receiver
 
     async def _hand_over(self, receiver: SessionReceiver) -> bool:
@@ -163,26 +169,50 @@ class SessionSupply:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def stop(self) -> None:
+    async def stop(self, closes_end_at: float) -> None:
         """Stop accepting and close every accepted session no worker took.
 
-        Accepts in flight are not cancelled, because the SDK does not always end a
-        cancelled accept: they end within `accept_timeout_s` and their sessions are
-        closed here.
+        Accepts in flight are cancelled, because a session they lock now would only
+        be closed again, and waiting for them could take `accept_timeout_s`. A
+        cancelled accept closes the link it opened (see `Transport.accept_session`).
+        The accepts and the closes get until `closes_end_at`, a `time.monotonic()`
+        value. What is still running then is left in the background, and the broker
+        releases those sessions when the connection closes.
         """
         self._stopped = True
         for task in self._acceptors:
-            if task not in self._accepting:
-                task.cancel()
+            task.cancel()
+        closes = self._close_waiting()
+        accepts: set[asyncio.Task[None]] = set()
         if self._acceptors:
-            timeout_s = self._accept_timeout_s + STOP_MARGIN_S
-            _, pending = await asyncio.wait(self._acceptors, timeout=timeout_s)
-            if pending:
-                log.warning("accept_stop_timed_out", accepts=len(pending))
+            timeout_s = max(0.0, closes_end_at - time.monotonic())
+            _, accepts = await asyncio.wait(self._acceptors, timeout=timeout_s)
+        # An accept that ignored its cancel may have queued a session meanwhile.
+        closes |= self._close_waiting()
+        if closes:
+            timeout_s = max(0.0, closes_end_at - time.monotonic())
+            _, closes = await asyncio.wait(closes, timeout=timeout_s)
+        if accepts or closes:
+            log.warning(
+                "supply_stop_timed_out",
+                accepts=len(accepts),
+                session_closes=len(closes),
+            )
+
+    def _close_waiting(self) -> set[asyncio.Task[None]]:
+        """Start closing every session in the queue, each in a task of its own."""
+        closes = set()
         while not self._ready.empty():
             receiver = self._ready.get_nowait()
-            await self._stop_keeping(receiver)
-            await self._close_quietly(receiver)
+            task = asyncio.create_task(self._stop_keeping_and_close(receiver))
+            self._stop_closes.add(task)
+            task.add_done_callback(self._stop_closes.discard)
+            closes.add(task)
+        return closes
+
+    async def _stop_keeping_and_close(self, receiver: SessionReceiver) -> None:
+        await self._stop_keeping(receiver)
+        await self._close_quietly(receiver)
 
     async def _keep_locked(self, receiver: SessionReceiver) -> None:
         """Renew a waiting session's lock at half its remaining time until taken."""

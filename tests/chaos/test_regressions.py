@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from consumer.app import ConsumerApp
 from consumer.config import Settings
 from consumer.events import EVENT_TYPES
