@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--require-auth",
         action="store_true",
-        help="reject CBS tokens not signed with the emulator's shared access key",
+        help="reject CBS tokens not signed with the emulator's shared access key, "
+        "and SASL PLAIN credentials other than its key name and key",
     )
 
     parser.add_argument(

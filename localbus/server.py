@@ -32,6 +32,7 @@ from localbus.errors import (
     SESSION_LOCK_LOST,
     BrokerError,
 )
+from localbus.listener import Listener
 from localbus.management import ManagementRequest, handle_cbs, handle_management
 from localbus.paths import entity_path
 from localbus.protocol import (
@@ -43,6 +44,7 @@ from localbus.protocol import (
 )
 from localbus.receive_links import ReceiveLinks
 from localbus.records import MessagesReady, SessionGranted, SessionLost
+from localbus.sasl import SaslNegotiation
 from localbus.state import BrokerState
 
 log = logging.getLogger("localbus")
@@ -78,7 +80,7 @@ class BrokerHandler(ReceiveLinks, Handler):
         self._receiver_ids = itertools.count(1)
         self._timer: Any = None
         self._timer_at: float | None = None
-        self.acceptor: Any = None
+        self.listener: Listener | None = None
         self.injector: Any = None
         self.listen_error: OSError | None = None
 
@@ -87,7 +89,12 @@ class BrokerHandler(ReceiveLinks, Handler):
     def on_reactor_init(self, event: Event) -> None:
         self._container = event.container
         try:
-            self.acceptor = event.container.acceptor(self._host, self._port)
+            self.listener = Listener(
+                event.container,
+                self._host,
+                self._port,
+                lambda: SaslNegotiation(self._access_key, self._require_auth),
+            )
         except OSError as error:
             log.error(
                 "broker_listen_failed host=%s port=%s error=%s",
@@ -100,7 +107,7 @@ class BrokerHandler(ReceiveLinks, Handler):
                 self.injector.close()
             event.container.stop()
             return
-        port = self.acceptor._selectable.getsockname()[1]
+        port = self.listener.port
         log.info("broker_listening host=%s port=%s", self._host, port)
         if self._on_listening is not None:
             self._on_listening(port)
@@ -114,20 +121,24 @@ class BrokerHandler(ReceiveLinks, Handler):
         log.info("broker_stopping")
         if self._timer is not None:
             self._timer.cancel()
-        if self.acceptor is not None:
+        if self.listener is not None:
             # Stopping the container leaves the listening socket open, so clients
             # would still connect to a broker that no longer responds.
-            self.acceptor.close()
+            self.listener.close()
         if self.injector is not None:
             self.injector.close()
         assert self._container is not None
         self._container.stop()
 
     def on_connection_bound(self, event: Event) -> None:
-        sasl = event.transport.sasl()
-        sasl.allowed_mechs("ANONYMOUS")
-        event.connection.localbus_audiences = set()
-        event.connection.localbus_receivers = set()
+        connection = event.connection
+        connection.localbus_audiences = set()
+        connection.localbus_receivers = set()
+        identity = getattr(connection, "localbus_identity", None)
+        if identity is not None and identity.key_verified:
+            # PLAIN with the shared access key grants the whole namespace, as a
+            # token for the namespace would.
+            connection.localbus_audiences.add("")
 
     def on_connection_remote_open(self, event: Event) -> None:
         if event.connection.state & Endpoint.LOCAL_UNINIT:
@@ -154,6 +165,11 @@ class BrokerHandler(ReceiveLinks, Handler):
             self._release_connection(event.connection)
 
     def on_transport_tail_closed(self, event: Event) -> None:
+        connection = event.connection
+        if connection is not None and connection.state & Endpoint.LOCAL_CLOSED:
+            # Proton closes the output side itself once the close frame is out,
+            # and a client that waits for that frame gets it.
+            return
         # Proton stops reading after the peer's end of stream or an undecodable
         # frame, but it keeps the socket open until its output side closes too.
         event.transport.close_head()

@@ -1,0 +1,212 @@
+"""The broker's listening socket: SASL in Python first, then proton's engine.
+
+proton's own acceptor binds a transport to each socket as soon as it is accepted. This
+listener runs `SaslNegotiation` on the socket first, on a selectable of its own, and
+binds a server transport after the sasl-outcome. Proton then starts at the client's
+AMQP protocol header and never runs SASL itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from proton import Event, Handler, Transport
+from proton.handlers import IOHandler
+from proton.reactor import Container
+
+from localbus.protocol import Timer
+from localbus.sasl import NegotiationState, SaslIdentity, SaslNegotiation
+
+log = logging.getLogger("localbus")
+
+# A client that has not finished SASL after this long is disconnected.
+HANDSHAKE_TIMEOUT_S = 30.0
+RECEIVE_BYTES = 4096
+LISTEN_BACKLOG = 128
+
+
+class Listener(Handler):
+    """Accept connections, negotiate SASL, then hand each socket to proton.
+
+    The connection carries `localbus_identity` (a `SaslIdentity`) and
+    `localbus_peer` (the client's address) from its first event on.
+    """
+
+    def __init__(
+        self,
+        container: Container,
+        host: str,
+        port: int,
+        negotiation: Callable[[], SaslNegotiation],
+    ) -> None:
+        super().__init__()
+        self._container = container
+        self._negotiation = negotiation
+        self._handshakes: set[SaslHandshake] = set()
+        listening = socket.socket()
+        try:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
+            listening.bind((host, port))
+            listening.listen(LISTEN_BACKLOG)
+            listening.setblocking(False)
+        except OSError:
+            listening.close()
+            raise
+        self._selectable = container.selectable(handler=self, delegate=listening)
+        self._selectable.reading = True
+        self._selectable._transport = None
+        container.update(self._selectable)
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to."""
+        return int(self._selectable.getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening and drop the connections that are still in SASL."""
+        if not self._selectable.is_terminal:
+            self._selectable.terminate()
+            self._selectable.update()
+        for handshake in list(self._handshakes):
+            handshake.close()
+
+    def on_selectable_readable(self, event: Event) -> None:
+        try:
+            client, peer = self._selectable.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            log.warning("connection_accept_failed error=%s", error)
+            return
+        client.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, True)
+        client.setblocking(False)
+        handshake = SaslHandshake(self, client, peer, self._negotiation())
+        self._handshakes.add(handshake)
+
+    def hand_over(self, handshake: SaslHandshake, identity: SaslIdentity) -> None:
+        """Bind a proton server transport to the negotiated socket."""
+        self._handshakes.discard(handshake)
+        container = self._container
+        connection = container.connection(container.handler)
+        # proton's I/O handler connects a bound connection to its URL unless the
+        # connection came from an acceptor.
+        connection._acceptor = self
+        connection.localbus_identity = identity
+        connection.localbus_peer = handshake.peer
+        transport = Transport(Transport.SERVER)
+        transport.bind(connection)
+        selectable = container.selectable(delegate=handshake.socket)
+        selectable._transport = transport
+        transport._selectable = selectable
+        remainder = handshake.negotiation.remainder
+        if remainder:
+            transport.push(remainder)
+        IOHandler.update(transport, selectable, container.now)
+
+    def forget(self, handshake: SaslHandshake) -> None:
+        """Drop a handshake that failed or timed out."""
+        self._handshakes.discard(handshake)
+
+
+class SaslHandshake(Handler):
+    """The SASL exchange on one accepted socket, before proton owns it."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        client: socket.socket,
+        peer: Any,
+        negotiation: SaslNegotiation,
+    ) -> None:
+        super().__init__()
+        self.listener = listener
+        self.socket = client
+        self.peer = peer
+        self.negotiation = negotiation
+        self._output = b""
+        self._finished = False
+        container = listener._container
+        self._selectable = container.selectable(handler=self, delegate=client)
+        self._selectable.reading = True
+        self._selectable._transport = None
+        container.update(self._selectable)
+        self._timer = container.schedule(HANDSHAKE_TIMEOUT_S, Timer(self._expire))
+
+    def on_selectable_readable(self, event: Event) -> None:
+        try:
+            data = self.socket.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            log.info("sasl_failed peer=%s error=%s", self.peer, error)
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self._output += self.negotiation.feed(data)
+        self._flush()
+
+    def on_selectable_writable(self, event: Event) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._output:
+            try:
+                sent = self.socket.send(self._output)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                log.info("sasl_failed peer=%s error=%s", self.peer, error)
+                self.close()
+                return
+            self._output = self._output[sent:]
+        self._selectable.writing = bool(self._output)
+        self._selectable.update()
+        if self._output:
+            return
+        state = self.negotiation.state
+        if state is NegotiationState.FAILED:
+            log.info(
+                "sasl_rejected peer=%s reason=%s", self.peer, self.negotiation.failure
+            )
+            self.close()
+        elif state is NegotiationState.DONE:
+            identity = self.negotiation.identity
+            assert identity is not None
+            log.debug(
+                "sasl_completed peer=%s mechanism=%s user=%s",
+                self.peer,
+                identity.mechanism,
+                identity.username,
+            )
+            self._release()
+            self.listener.hand_over(self, identity)
+
+    def _expire(self) -> None:
+        if not self._finished:
+            log.info(
+                "sasl_timed_out peer=%s after_s=%s", self.peer, HANDSHAKE_TIMEOUT_S
+            )
+            self.close()
+
+    def _release(self) -> None:
+        """Stop watching the socket without closing it, for the hand-over."""
+        self._finished = True
+        self._timer.cancel()
+        self._selectable.release()
+        self._selectable.terminate()
+        self._selectable.update()
+
+    def close(self) -> None:
+        """Close the socket and forget the handshake."""
+        self._finished = True
+        self._timer.cancel()
+        if not self._selectable.is_terminal:
+            self._selectable.terminate()
+            self._selectable.update()
+        self.socket.close()
+        self.listener.forget(self)
