@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from proton.reactor import ApplicationEvent, Container, EventInjector
+from proton.reactor import ApplicationEvent, EventInjector
 
 from consumer.config import (
     LOCAL_BROKER_KEY,
@@ -28,7 +28,7 @@ from localbus.config import (
     load_emulator_config,
     queue_entities,
 )
-from localbus.server import STOP_EVENT, BrokerHandler
+from localbus.server import STOP_EVENT, BrokerHandler, create_container
 from localbus.state import BrokerState
 from localbus.testing import BrokerOptions, open_journal
 
@@ -179,7 +179,7 @@ def _serve(state: BrokerState, options: BrokerOptions) -> int:
         on_listening=on_listening,
     )
     handler.injector = injector
-    container = Container(handler)
+    container = create_container(handler)
     container.selectable(injector)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

@@ -3,7 +3,8 @@
 proton's own acceptor binds a transport to each socket as soon as it is accepted. This
 listener runs `SaslNegotiation` on the socket first, on a selectable of its own, and
 binds a server transport after the sasl-outcome. Proton then starts at the client's
-AMQP protocol header and never runs SASL itself.
+AMQP protocol header and never runs SASL itself. `BrokerIOHandler` replaces proton's
+I/O handler so that the received bytes pass `StrayFrameFilter` on their way in.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from proton import Event, Handler, Transport
 from proton.handlers import IOHandler
 from proton.reactor import Container
 
+from localbus.frames import StrayFrameFilter
 from localbus.protocol import Timer
 from localbus.sasl import NegotiationState, SaslIdentity, SaslNegotiation
 
@@ -26,6 +28,38 @@ log = logging.getLogger("localbus")
 HANDSHAKE_TIMEOUT_S = 30.0
 RECEIVE_BYTES = 4096
 LISTEN_BACKLOG = 128
+
+
+class BrokerIOHandler(IOHandler):
+    """proton's socket I/O, with the stray frame filter on the receive side.
+
+    Only selectables with a `localbus_frames` filter are read here; others, such as
+    the event injector, keep proton's behaviour.
+    """
+
+    def on_selectable_readable(self, event: Event) -> None:
+        selectable = event.selectable
+        frames = selectable.__dict__.get("localbus_frames")
+        transport = selectable._transport
+        if frames is None or not transport:
+            super().on_selectable_readable(event)
+            return
+        if transport.capacity() > 0:
+            try:
+                data = selectable.recv(transport.capacity())
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as error:
+                log.info("connection_receive_failed error=%s", error)
+                transport.close_tail()
+                data = None
+            if data == b"":
+                self.on_selectable_error(event)
+            elif data:
+                passed = frames.feed(data)
+                if passed:
+                    transport.push(passed)
+        self.update(transport, selectable, selectable._reactor.now)
 
 
 class Listener(Handler):
@@ -101,7 +135,9 @@ class Listener(Handler):
         selectable = container.selectable(delegate=handshake.socket)
         selectable._transport = transport
         transport._selectable = selectable
-        remainder = handshake.negotiation.remainder
+        frames = StrayFrameFilter()
+        selectable.localbus_frames = frames
+        remainder = frames.feed(handshake.negotiation.remainder)
         if remainder:
             transport.push(remainder)
         IOHandler.update(transport, selectable, container.now)

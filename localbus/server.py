@@ -32,7 +32,7 @@ from localbus.errors import (
     SESSION_LOCK_LOST,
     BrokerError,
 )
-from localbus.listener import Listener
+from localbus.listener import BrokerIOHandler, Listener
 from localbus.management import ManagementRequest, handle_cbs, handle_management
 from localbus.paths import entity_path
 from localbus.protocol import (
@@ -401,3 +401,8 @@ class BrokerHandler(ReceiveLinks, Handler):
         self._timer_at = None
         self.state.fire_deadlines()
         self._after_change()
+
+
+def create_container(handler: BrokerHandler) -> Container:
+    """Return a proton container that runs `handler` with the broker's socket I/O."""
+    return Container(handler, global_handler=BrokerIOHandler())

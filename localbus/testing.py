@@ -34,7 +34,7 @@ from localbus.config import (
     QueueConfig,
     QueueSettings,
 )
-from localbus.server import CALL_EVENT, STOP_EVENT, BrokerHandler
+from localbus.server import CALL_EVENT, STOP_EVENT, BrokerHandler, create_container
 from localbus.state import BrokerState
 
 START_TIMEOUT_S = 15.0
@@ -157,7 +157,7 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
         require_auth=options.require_auth,
         on_listening=on_listening,
     )
-    container = Container(handler)
+    container = create_container(handler)
     injector = EventInjector()
     container.selectable(injector)
     handler.injector = injector
