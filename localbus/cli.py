@@ -28,7 +28,12 @@ from localbus.config import (
     load_emulator_config,
     queue_entities,
 )
-from localbus.server import STOP_EVENT, BrokerHandler, create_container
+from localbus.server import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    STOP_EVENT,
+    BrokerHandler,
+    create_container,
+)
 from localbus.state import BrokerState
 from localbus.testing import BrokerOptions, open_journal
 
@@ -101,10 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument(
+        "--idle-timeout-s",
+        type=_positive_seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help="advertised AMQP idle-time-out in seconds; a connection that sends "
+        "nothing for twice as long is closed",
+    )
+
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
 
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text}")
+    return value
 
 
 def entities_from_args(args: argparse.Namespace) -> list[EntityConfig]:
@@ -155,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             require_auth=args.require_auth,
             host=args.host,
             port=args.port,
+            idle_timeout_s=args.idle_timeout_s,
         )
         state = BrokerState(options.entities, journal=open_journal(options))
     except BrokerConfigError as error:
@@ -177,6 +198,7 @@ def _serve(state: BrokerState, options: BrokerOptions) -> int:
         SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY),
         require_auth=options.require_auth,
         on_listening=on_listening,
+        idle_timeout_s=options.idle_timeout_s,
     )
     handler.injector = injector
     container = create_container(handler)

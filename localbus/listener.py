@@ -61,11 +61,32 @@ class BrokerIOHandler(IOHandler):
                     transport.push(passed)
         self.update(transport, selectable, selectable._reactor.now)
 
+    def on_selectable_writable(self, event: Event) -> None:
+        selectable = event.selectable
+        transport = selectable._transport
+        if "localbus_frames" not in selectable.__dict__ or not transport:
+            super().on_selectable_writable(event)
+            return
+        pending = transport.pending()
+        if pending > 0:
+            try:
+                transport.pop(selectable.send(transport.peek(pending)))
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as error:
+                # Clients often reset the socket right after their close frame,
+                # before the broker's close reaches them.
+                log.info("connection_send_failed error=%s", error)
+                transport.close_head()
+        if transport.pending() != pending:
+            self.update(transport, selectable, selectable._reactor.now)
+
 
 class Listener(Handler):
     """Accept connections, negotiate SASL, then hand each socket to proton.
 
-    The connection carries `localbus_identity` (a `SaslIdentity`) and
+    `configure` is called with each new server transport before it is bound, and
+    the connection carries `localbus_identity` (a `SaslIdentity`) and
     `localbus_peer` (the client's address) from its first event on.
     """
 
@@ -75,10 +96,12 @@ class Listener(Handler):
         host: str,
         port: int,
         negotiation: Callable[[], SaslNegotiation],
+        configure: Callable[[Transport], None],
     ) -> None:
         super().__init__()
         self._container = container
         self._negotiation = negotiation
+        self._configure = configure
         self._handshakes: set[SaslHandshake] = set()
         listening = socket.socket()
         try:
@@ -131,6 +154,7 @@ class Listener(Handler):
         connection.localbus_identity = identity
         connection.localbus_peer = handshake.peer
         transport = Transport(Transport.SERVER)
+        self._configure(transport)
         transport.bind(connection)
         selectable = container.selectable(delegate=handshake.socket)
         selectable._transport = transport

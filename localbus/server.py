@@ -23,6 +23,7 @@ from proton import (
     Link,
     Receiver,
     Sender,
+    Transport,
 )
 from proton.reactor import Container
 
@@ -49,6 +50,10 @@ from localbus.state import BrokerState
 
 log = logging.getLogger("localbus")
 
+# Service Bus advertises an idle-time-out of 120 s in its open frame. azure-servicebus
+# 7.15 sends an empty frame once half of it passed without output, and its keep-alive
+# thread checks that at least every 30 s, so a healthy idle SDK connection stays open.
+DEFAULT_IDLE_TIMEOUT_S = 120.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.
 CALL_EVENT = "localbus_call"
@@ -67,6 +72,7 @@ class BrokerHandler(ReceiveLinks, Handler):
         access_key: SharedAccessKey,
         require_auth: bool = False,
         on_listening: Callable[[int], None] | None = None,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         super().__init__()
         self.state = state
@@ -75,6 +81,7 @@ class BrokerHandler(ReceiveLinks, Handler):
         self._access_key = access_key
         self._require_auth = require_auth
         self._on_listening = on_listening
+        self._idle_timeout_s = idle_timeout_s
         self._container: Container | None = None
         self._receive_links: dict[int, Sender] = {}
         self._receiver_ids = itertools.count(1)
@@ -94,6 +101,7 @@ class BrokerHandler(ReceiveLinks, Handler):
                 self._host,
                 self._port,
                 lambda: SaslNegotiation(self._access_key, self._require_auth),
+                self._configure_transport,
             )
         except OSError as error:
             log.error(
@@ -129,6 +137,11 @@ class BrokerHandler(ReceiveLinks, Handler):
             self.injector.close()
         assert self._container is not None
         self._container.stop()
+
+    def _configure_transport(self, transport: Transport) -> None:
+        # Proton closes a connection that sends nothing for this long and
+        # advertises half of it as idle-time-out, so clients send empty frames.
+        transport.idle_timeout = 2 * self._idle_timeout_s
 
     def on_connection_bound(self, event: Event) -> None:
         connection = event.connection

@@ -34,7 +34,13 @@ from localbus.config import (
     QueueConfig,
     QueueSettings,
 )
-from localbus.server import CALL_EVENT, STOP_EVENT, BrokerHandler, create_container
+from localbus.server import (
+    CALL_EVENT,
+    DEFAULT_IDLE_TIMEOUT_S,
+    STOP_EVENT,
+    BrokerHandler,
+    create_container,
+)
 from localbus.state import BrokerState
 
 START_TIMEOUT_S = 15.0
@@ -52,6 +58,7 @@ class BrokerOptions:
     require_auth: bool = False
     host: str = "127.0.0.1"
     port: int = 0
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
 
 def build_options(
@@ -62,6 +69,7 @@ def build_options(
     require_auth: bool = False,
     host: str = "127.0.0.1",
     port: int = 0,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> BrokerOptions:
     """Turn entity names into session-enabled queues with the given lock settings."""
     settings = QueueSettings(
@@ -81,6 +89,7 @@ def build_options(
         require_auth=require_auth,
         host=host,
         port=port,
+        idle_timeout_s=idle_timeout_s,
     )
 
 
@@ -156,6 +165,7 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
         SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY),
         require_auth=options.require_auth,
         on_listening=on_listening,
+        idle_timeout_s=options.idle_timeout_s,
     )
     container = create_container(handler)
     injector = EventInjector()
@@ -183,7 +193,7 @@ def run_broker(**options: Any) -> Iterator[RunningBroker]:
 
     Options: `entities` (names or `QueueConfig`/`TopicConfig`), `lock_duration_s`,
     `max_delivery_count`, `data_dir`, `require_auth`, `host`, `port` (0 picks a
-    free port).
+    free port), `idle_timeout_s`.
     """
     broker = start_broker(build_options(**options))
     try:
@@ -256,6 +266,7 @@ class BrokerProcess:
             arguments += ["--data-dir", str(self.options.data_dir)]
         if self.options.require_auth:
             arguments.append("--require-auth")
+        arguments += ["--idle-timeout-s", str(self.options.idle_timeout_s)]
         return arguments + self._extra_args
 
     def kill(self) -> None:
