@@ -1,6 +1,7 @@
 """Lock, TTL and schedule deadlines of the broker state machine.
 
-`fire_deadlines()` runs the deadlines that are due on the injected clock.
+`fire_deadlines()` runs the deadlines that are due on the injected clock, and
+`expire_session_locks()` makes held session locks due at once, for fault injection.
 """
 
 from __future__ import annotations
@@ -111,3 +112,29 @@ class DeadlineHandling:
         target_name, message = entry
         self._journal.scheduled_removed(int(key))  # type: ignore[call-overload]
         self._route(self.targets[target_name], message, int(key), now)  # type: ignore[call-overload]
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire held session locks now, as if their lock duration had passed.
+
+        `entity` limits this to a queue or a topic's subscriptions and `session_id`
+        to one session. Returns the ids of the sessions whose lock expired.
+        """
+        prefix = None if entity is None else entity.strip("/").lower()
+        now = self.now_ms()
+        expired = []
+        for store in list(self.stores.values()):
+            if not store.requires_session:
+                continue
+            if prefix is not None and store.name.split("/", 1)[0] != prefix:
+                continue
+            for session in list(store.sessions.values()):
+                if session.holder is None:
+                    continue
+                if session_id is not None and session.session_id != session_id:
+                    continue
+                session.locked_until_ms = now
+                self._expire_session(store, session.session_id, now)
+                expired.append(session.session_id)
+        return expired

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
-from proton import Event, Handler, Transport
+from proton import Connection, Event, Handler, Transport
 from proton.handlers import IOHandler
 from proton.reactor import Container
 
@@ -80,6 +81,31 @@ class BrokerIOHandler(IOHandler):
                 transport.close_head()
         if transport.pending() != pending:
             self.update(transport, selectable, selectable._reactor.now)
+
+
+def abort_connection(connection: Connection) -> bool:
+    """Close a connection's socket at once, without AMQP close frames.
+
+    The socket is reset (SO_LINGER 0), as a network failure or a crashed broker
+    would leave it. Returns false when the connection has no socket any more.
+    """
+    transport = connection.transport
+    selectable = getattr(transport, "_selectable", None) if transport else None
+    if selectable is None or selectable.is_terminal:
+        return False
+    try:
+        selectable._delegate.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+    except OSError:
+        pass  # the socket is already broken; closing it is all that is left
+    transport.close_head()
+    transport.close_tail()
+    selectable.terminate()
+    selectable._transport = None
+    transport._selectable = None
+    selectable.update()
+    return True
 
 
 class Listener(Handler):

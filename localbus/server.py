@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proton import (
+    Connection,
     Delivery,
     Disposition,
     Endpoint,
@@ -27,13 +28,14 @@ from proton import (
 )
 from proton.reactor import Container
 
+from localbus.admin import check_admin_access, handle_admin
 from localbus.auth import SharedAccessKey
 from localbus.codec import read_transfer
 from localbus.errors import (
     SESSION_LOCK_LOST,
     BrokerError,
 )
-from localbus.listener import BrokerIOHandler, Listener
+from localbus.listener import BrokerIOHandler, Listener, abort_connection
 from localbus.management import ManagementRequest, handle_cbs, handle_management
 from localbus.paths import entity_path
 from localbus.protocol import (
@@ -83,6 +85,7 @@ class BrokerHandler(ReceiveLinks, Handler):
         self._on_listening = on_listening
         self._idle_timeout_s = idle_timeout_s
         self._container: Container | None = None
+        self._connections: set[Connection] = set()
         self._receive_links: dict[int, Sender] = {}
         self._receiver_ids = itertools.count(1)
         self._timer: Any = None
@@ -152,6 +155,7 @@ class BrokerHandler(ReceiveLinks, Handler):
             # PLAIN with the shared access key grants the whole namespace, as a
             # token for the namespace would.
             connection.localbus_audiences.add("")
+        self._connections.add(connection)
 
     def on_connection_remote_open(self, event: Event) -> None:
         if event.connection.state & Endpoint.LOCAL_UNINIT:
@@ -175,6 +179,7 @@ class BrokerHandler(ReceiveLinks, Handler):
 
     def on_transport_closed(self, event: Event) -> None:
         if event.connection is not None:
+            self._connections.discard(event.connection)
             self._release_connection(event.connection)
 
     def on_transport_tail_closed(self, event: Event) -> None:
@@ -188,6 +193,8 @@ class BrokerHandler(ReceiveLinks, Handler):
         event.transport.close_head()
 
     def on_transport_error(self, event: Event) -> None:
+        if getattr(event.connection, "localbus_cut", False):
+            return
         condition = event.transport.condition
         log.warning(
             "connection_failed error=%s", condition.description if condition else None
@@ -251,16 +258,18 @@ class BrokerHandler(ReceiveLinks, Handler):
         link.localbus_kind = kind
         link.localbus_path = path
         link.localbus_rejection = None
-        if kind == "entity":
-            try:
+        try:
+            if kind == "entity":
                 target = self.state.target_for(path)
                 self._check_authorized(link, path)
                 link.max_message_size = target.max_message_size_bytes
-            except BrokerError as error:
-                # The SDK sends its first message before it reads a detach that
-                # follows the attach, and then reports an unknown error. Rejecting
-                # that message with the error lets it raise the matching exception.
-                link.localbus_rejection = error
+            elif kind == "admin":
+                check_admin_access(link.connection)
+        except BrokerError as error:
+            # The SDK sends its first message before it reads a detach that
+            # follows the attach, and then reports an unknown error. Rejecting
+            # that message with the error lets it raise the matching exception.
+            link.localbus_rejection = error
         link.open()
         link.flow(SEND_CREDIT)
 
@@ -271,7 +280,14 @@ class BrokerHandler(ReceiveLinks, Handler):
         link.target.address = link.remote_target.address
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
-        if link_kind(path) != "entity":
+        kind = link_kind(path)
+        if kind == "admin":
+            try:
+                check_admin_access(link.connection)
+            except BrokerError as error:
+                self._reject_link(link, error)
+                return
+        if kind != "entity":
             link.session.localbus_replies = {
                 **getattr(link.session, "localbus_replies", {}),
                 path.lower(): link,
@@ -333,6 +349,8 @@ class BrokerHandler(ReceiveLinks, Handler):
             reply = handle_cbs(request, self._access_key, self._require_auth)
             if reply.audience is not None:
                 link.connection.localbus_audiences.add(reply.audience)
+        elif kind == "admin":
+            reply = handle_admin(self, request, link.connection)
         else:
             reply = handle_management(self.state, request)
         replies = getattr(link.session, "localbus_replies", {})
@@ -415,7 +433,49 @@ class BrokerHandler(ReceiveLinks, Handler):
         self.state.fire_deadlines()
         self._after_change()
 
+    # Faults for the admin node ------------------------------------------------------
+
+    def cut_connections(
+        self, entity: str | None = None, keep: Connection | None = None
+    ) -> int:
+        """Reset client connections without AMQP close frames; return how many.
+
+        With `entity`, only connections that have a link on that entity (its
+        queue, subscriptions, dead-letter queue or `$management`) are cut.
+        """
+        cut = 0
+        for connection in list(self._connections):
+            if connection == keep:
+                continue
+            if entity is not None and not _has_link_on(connection, entity):
+                continue
+            connection.localbus_cut = True
+            if abort_connection(connection):
+                cut += 1
+        log.info("connections_cut entity=%s count=%s", entity, cut)
+        return cut
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire held session locks now; return the ids of the expired sessions."""
+        expired = self.state.expire_session_locks(entity, session_id)
+        self._after_change()
+        log.info("session_locks_expired entity=%s sessions=%s", entity, expired)
+        return expired
+
 
 def create_container(handler: BrokerHandler) -> Container:
     """Return a proton container that runs `handler` with the broker's socket I/O."""
     return Container(handler, global_handler=BrokerIOHandler())
+
+
+def _has_link_on(connection: Connection, entity: str) -> bool:
+    wanted = entity.strip("/").lower()
+    link = connection.link_head(0)
+    while link is not None:
+        terminus = link.remote_target if link.is_receiver else link.remote_source
+        if entity_path(terminus.address).split("/", 1)[0].lower() == wanted:
+            return True
+        link = link.next(0)
+    return False

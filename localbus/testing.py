@@ -2,7 +2,9 @@
 
 `run_broker()` runs the broker on its own thread and exposes `.state` for white-box
 checks. `run_broker_process()` runs `python -m localbus` so a test can kill, terminate
-and restart it on the same port and data directory.
+and restart it on the same port and data directory. Both can cut client connections
+and expire session locks on demand; the subprocess through its admin node
+(`localbus.admin`), which `admin_client()` connects to.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from consumer.config import (
     LOCAL_BROKER_KEY_NAME,
     local_connection_string,
 )
+from localbus.admin_client import AdminClient
 from localbus.auth import SharedAccessKey
 from localbus.config import (
     DEFAULT_ENTITY,
@@ -100,6 +103,7 @@ class RunningBroker:
     host: str
     port: int
     state: BrokerState
+    _handler: BrokerHandler = field(repr=False)
     _container: Container = field(repr=False)
     _injector: EventInjector = field(repr=False)
     _thread: threading.Thread = field(repr=False)
@@ -130,6 +134,24 @@ class RunningBroker:
         if not succeeded:
             raise value
         return cast(T, value)
+
+    def cut_connections(self, entity: str | None = None) -> int:
+        """Reset every client connection, or those with a link on `entity`, at once.
+
+        Returns how many connections were cut. The clients see their sockets reset
+        without AMQP close frames.
+        """
+        return self.call(lambda: self._handler.cut_connections(entity))
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire the held session locks now, or only those of `entity`/`session_id`.
+
+        Returns the ids of the expired sessions. Their receivers are detached with
+        session-lock-lost, as when a lock runs out.
+        """
+        return self.call(lambda: self._handler.expire_session_locks(entity, session_id))
 
     def stop(self) -> None:
         """Stop the broker, closing every connection, and wait for its thread."""
@@ -184,7 +206,9 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
             raise RuntimeError(
                 f"the local broker did not start within {START_TIMEOUT_S}s"
             )
-    return RunningBroker(options.host, ports[0], state, container, injector, thread)
+    return RunningBroker(
+        options.host, ports[0], state, handler, container, injector, thread
+    )
 
 
 @contextlib.contextmanager
@@ -269,6 +293,25 @@ class BrokerProcess:
         arguments += ["--idle-timeout-s", str(self.options.idle_timeout_s)]
         return arguments + self._extra_args
 
+    def cut_connections(self, entity: str | None = None) -> int:
+        """Reset every client connection, or those with a link on `entity`, at once.
+
+        Returns how many connections were cut. Raises `AdminError` when the broker
+        does not respond.
+        """
+        with admin_client(self.host, self.port) as admin:
+            return admin.cut_connections(entity)
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire the held session locks now, or only those of `entity`/`session_id`.
+
+        Returns the ids of the expired sessions.
+        """
+        with admin_client(self.host, self.port) as admin:
+            return admin.expire_session_locks(entity, session_id)
+
     def kill(self) -> None:
         """Stop the broker with SIGKILL, as a crash would."""
         self._stop(signal.SIGKILL)
@@ -297,6 +340,13 @@ class BrokerProcess:
             process.stdout.close()
         self.exit_status = process.returncode
         self._process = None
+
+
+def admin_client(host: str, port: int) -> AdminClient:
+    """Connect to the admin node of a broker started with the emulator's key."""
+    return AdminClient(
+        host, port, SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY)
+    )
 
 
 def _read_line(process: subprocess.Popen[str], timeout_s: float) -> str:

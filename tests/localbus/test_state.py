@@ -314,3 +314,29 @@ def test_dead_letter_inside_dead_letter_queue_keeps_message(clock: Clock) -> Non
     assert again is not None
     assert again.dead_letter_reason == "Second"
     assert again.dead_letter_source == "plain"
+
+
+def test_expire_session_locks_now(clock: Clock) -> None:
+    state = make_state(clock)
+    state.send(QUEUE, [message("a"), message("b", session_id="s2")])
+    assert accept(state, 1, "s1") == "s1"
+    assert accept(state, 2, "s2") == "s2"
+    delivery = state.receive(1)
+    assert delivery is not None
+    state.drain_events()
+    assert state.expire_session_locks(QUEUE, "s1") == ["s1"]
+    assert SessionLost(1, "s1") in state.drain_events()
+    assert state.stores[QUEUE].sessions["s2"].holder == 2
+    assert accept(state, 3, "s1") == "s1"
+    again = state.receive(3)
+    assert again is not None
+    assert again.delivery_count == 1
+
+
+def test_expire_session_locks_filters_entity(clock: Clock) -> None:
+    state = make_state(clock)
+    state.send(QUEUE, [message("a")])
+    accept(state, 1, "s1")
+    assert state.expire_session_locks("plain") == []
+    assert state.expire_session_locks("ORDERS") == ["s1"]
+    assert state.expire_session_locks() == []
