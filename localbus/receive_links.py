@@ -78,6 +78,12 @@ class ReceiveLinks:
             self._receive_links.pop(receiver_id, None)
             link.connection.localbus_receivers.discard(receiver_id)
             link.localbus_receiver_id = None
+            # The SDK's attach callback reads the granted session from the session
+            # filter and link properties whenever the reply's source address is the
+            # entity's, and logs a warning when they are missing. A timed-out accept
+            # grants nothing, so its reply names no source address: the SDK skips
+            # the callback, and the detach that follows raises OperationTimeoutError.
+            link.source.address = ""
             self._reject_link(
                 link,
                 BrokerError(
