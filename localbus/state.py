@@ -289,6 +289,7 @@ class BrokerState(SessionLocking, DeadlineHandling):
                 locked_until, "message", store.name, message.sequence_number
             )
         store.lock(message, receiver_id, locked_until)
+        self._journal.message_locked(store.name, message.sequence_number)
         receiver.unsettled.add(message.sequence_number)
         return Delivery.of(message)
 
@@ -333,14 +334,7 @@ class BrokerState(SessionLocking, DeadlineHandling):
     def _return_failed(self, store: MessageStore, message: Message) -> None:
         """Count a failed delivery and put the message back, or dead-letter it."""
         message.delivery_count += 1
-        limit = store.settings.max_delivery_count
-        if store.name in self.dead_letter_stores and message.delivery_count >= limit:
-            self._dead_letter(
-                store,
-                message,
-                MAX_DELIVERY_COUNT_REASON,
-                f"Message could not be consumed after {limit} delivery attempts.",
-            )
+        if self._dead_letter_if_exhausted(store, message):
             return
         if message.status is MessageStatus.DEFERRED_LOCKED:
             store.defer(message)
@@ -348,6 +342,19 @@ class BrokerState(SessionLocking, DeadlineHandling):
             store.make_available(message)
             self._wake(store, message.session_id)
         self._journal.message_stored(store.name, message)
+
+    def _dead_letter_if_exhausted(self, store: MessageStore, message: Message) -> bool:
+        """Dead-letter `message` once its delivery count reached the max; tell if so."""
+        limit = store.settings.max_delivery_count
+        if store.name not in self.dead_letter_stores or message.delivery_count < limit:
+            return False
+        self._dead_letter(
+            store,
+            message,
+            MAX_DELIVERY_COUNT_REASON,
+            f"Message could not be consumed after {limit} delivery attempts.",
+        )
+        return True
 
     def _dead_letter(
         self, store: MessageStore, message: Message, reason: str, description: str
@@ -382,6 +389,17 @@ class BrokerState(SessionLocking, DeadlineHandling):
     def _add_deadline(self, at_ms: int, kind: str, name: str, key: object) -> None:
         self._deadlines.add(at_ms, kind, name, key)
 
+    def _count_lost_lock(self, store: MessageStore, message: Message) -> None:
+        """Count the delivery of a message whose lock a previous run held at its end.
+
+        As with an expired lock, the message is dead-lettered when the count
+        reaches the max delivery count, and stays available or deferred otherwise.
+        """
+        message.delivery_count += 1
+        if self._dead_letter_if_exhausted(store, message):
+            return
+        self._journal.message_stored(store.name, message)
+
     def _wake(self, store: MessageStore, session_id: str | None) -> None:
         if not store.requires_session:
             for receiver_id in self._listeners.get(store.name, {}):
@@ -405,6 +423,11 @@ class BrokerState(SessionLocking, DeadlineHandling):
                 self._add_deadline(
                     message.expires_at_ms, "ttl", store.name, message.sequence_number
                 )
+        for store_name, number in self._journal.locked_messages():
+            store = self.stores.get(store_name)
+            locked = store.messages.get(number) if store is not None else None
+            if store is not None and locked is not None:
+                self._count_lost_lock(store, locked)
         for store_name, session_id, state in self._journal.session_states():
             store = self.stores.get(store_name)
             if store is not None:
