@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 from localbus.deadlines import DeadlineQueue
@@ -33,6 +34,7 @@ class DeadlineHandling:
     _events: list[Event]
     _deadlines: DeadlineQueue
     _journal: Journal
+    _sequence: itertools.count[int]
 
     if TYPE_CHECKING:
 
@@ -106,12 +108,20 @@ class DeadlineHandling:
         self._return_failed(store, message)
 
     def _activate_scheduled(self, key: object, now: int) -> None:
+        """Enqueue a due scheduled message as if it were sent now.
+
+        Service Bus gives it a new sequence number at this point (Azure docs,
+        "Message sequencing and timestamps"), so it goes behind every message
+        enqueued before, also in its session.
+        """
         entry = self.scheduled.pop(key, None)  # type: ignore[call-overload]
         if entry is None:
             return
         target_name, message = entry
+        # Stored first and unscheduled second: a crash in between enqueues the
+        # message twice after the restart, rather than losing it.
+        self._route(self.targets[target_name], message, next(self._sequence), now)
         self._journal.scheduled_removed(int(key))  # type: ignore[call-overload]
-        self._route(self.targets[target_name], message, int(key), now)  # type: ignore[call-overload]
 
     def expire_session_locks(
         self, entity: str | None = None, session_id: str | None = None

@@ -161,8 +161,8 @@ class BrokerState(SessionLocking, DeadlineHandling):
     def _schedule(
         self, target: SendTarget, message: IncomingMessage, number: int, at_ms: int
     ) -> None:
-        # NOTE: the message keeps the sequence number it got when it was scheduled,
-        # so it goes ahead of later messages of its session that are still queued.
+        # `number` identifies the scheduled message until it is due, for
+        # cancel-scheduled-message. `_activate_scheduled` enqueues it under a new one.
         self.scheduled[number] = (target.name, message)
         self._journal.scheduled_stored(target.name, number, message)
         self._add_deadline(at_ms, "scheduled", target.name, number)

@@ -228,7 +228,26 @@ def test_scheduled_message_appears_when_due(clock: Clock) -> None:
     assert state.stores[QUEUE].messages == {}
     clock.advance(5)
     state.fire_deadlines()
-    assert number in state.stores[QUEUE].messages
+    (enqueued,) = state.stores[QUEUE].messages.values()
+    assert enqueued.payload == message("later").payload
+    assert enqueued.enqueued_at_ms == due_ms
+
+
+def test_scheduled_message_gets_new_sequence_number(clock: Clock) -> None:
+    state = make_state(clock)
+    due_ms = int((clock.now + 5) * 1000)
+    (scheduled,) = state.send(QUEUE, [message("later", scheduled_at_ms=due_ms)])
+    (sent,) = state.send(QUEUE, [message("now")])
+    clock.advance(5)
+    state.fire_deadlines()
+    numbers = sorted(state.stores[QUEUE].messages)
+    assert scheduled not in numbers
+    assert numbers[0] == sent
+    assert numbers[1] > sent
+    assert accept(state, 1, "s1") == "s1"
+    first = state.receive(1)
+    assert first is not None
+    assert first.payload == message("now").payload
 
 
 def test_cancelled_schedule_never_appears(clock: Clock) -> None:
