@@ -12,15 +12,19 @@ received bytes on without copying them unless it drops or holds back a frame.
 from __future__ import annotations
 
 import logging
+import struct
 
 log = logging.getLogger("localbus")
 
 PROTOCOL_HEADER_BYTES = 8
-FRAME_HEADER_BYTES = 8
+# size (4 bytes), data offset in 4-byte words, frame type, channel (2 bytes)
+FRAME_HEADER = struct.Struct(">IBBH")
+FRAME_HEADER_BYTES = FRAME_HEADER.size
+DATA_OFFSET = 2
 AMQP_FRAME_TYPE = 0
 # A performative is a described list whose descriptor is a small ulong:
 # constructor 0x00, type code 0x53, then the descriptor code.
-SMALL_ULONG_DESCRIPTOR = b"\x00\x53"
+SMALL_ULONG = 0x53
 DESCRIPTOR_BYTES = 3
 BEGIN = 0x11
 END = 0x17
@@ -53,23 +57,24 @@ class StrayFrameFilter:
             self._partial_header = b""
         passed: list[bytes] = []
         keep_from = 0
-        position = min(self._header_left, len(data))
+        length = len(data)
+        position = min(self._header_left, length)
         self._header_left -= position
-        while position < len(data):
+        while position < length:
             if self._frame_left == 0 and not self._start_frame(data, position):
                 break
-            take = min(self._frame_left, len(data) - position)
+            take = min(self._frame_left, length - position)
             if self._dropping:
                 passed.append(data[keep_from:position])
                 keep_from = position + take
             position += take
             self._frame_left -= take
         end = position
-        if end < len(data) and not self._stopped:
+        if end < length and not self._stopped:
             self._partial_header = data[end:]
         elif self._stopped:
-            end = len(data)
-        if keep_from == 0 and end == len(data):
+            end = length
+        if keep_from == 0 and end == length:
             return data
         passed.append(data[keep_from:end])
         return b"".join(passed)
@@ -82,32 +87,31 @@ class StrayFrameFilter:
         available = len(data) - position
         if available < FRAME_HEADER_BYTES:
             return False
-        size = int.from_bytes(data[position : position + 4], "big")
-        body_offset = data[position + 4] * 4
-        if body_offset != FRAME_HEADER_BYTES or size < body_offset:
+        size, data_offset, frame_type, channel = FRAME_HEADER.unpack_from(
+            data, position
+        )
+        if data_offset != DATA_OFFSET or size < FRAME_HEADER_BYTES:
             # Not a frame any AMQP client sends. Proton reads the bytes unchanged
             # and closes the connection with a framing error.
             self._stopped = True
             return False
-        performative = None
-        if size > body_offset:
-            if available < body_offset + DESCRIPTOR_BYTES:
-                return False
-            descriptor_at = position + body_offset
-            descriptor = data[descriptor_at : descriptor_at + DESCRIPTOR_BYTES]
-            if descriptor[:2] == SMALL_ULONG_DESCRIPTOR:
-                performative = descriptor[2]
-        frame_type = data[position + 5]
-        channel = int.from_bytes(data[position + 6 : position + 8], "big")
+        has_body = size > FRAME_HEADER_BYTES and frame_type == AMQP_FRAME_TYPE
+        if has_body and available < FRAME_HEADER_BYTES + DESCRIPTOR_BYTES:
+            return False
         self._frame_left = size
-        self._dropping = self._is_stray(frame_type, channel, performative)
+        self._dropping = False
+        if not has_body:
+            return True
+        descriptor_at = position + FRAME_HEADER_BYTES
+        if data[descriptor_at] != 0 or data[descriptor_at + 1] != SMALL_ULONG:
+            return True
+        performative = data[descriptor_at + 2]
+        # Only an end, or any frame while some channel is ended, needs a look.
+        if performative == END or self._ended:
+            self._dropping = self._is_stray(channel, performative)
         return True
 
-    def _is_stray(
-        self, frame_type: int, channel: int, performative: int | None
-    ) -> bool:
-        if frame_type != AMQP_FRAME_TYPE or performative is None:
-            return False
+    def _is_stray(self, channel: int, performative: int) -> bool:
         if performative == BEGIN:
             self._ended.discard(channel)
             return False

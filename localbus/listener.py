@@ -45,9 +45,10 @@ class BrokerIOHandler(IOHandler):
         if frames is None or not transport:
             super().on_selectable_readable(event)
             return
-        if transport.capacity() > 0:
+        capacity = transport.capacity()
+        if capacity > 0:
             try:
-                data = selectable.recv(transport.capacity())
+                data = selectable.recv(capacity)
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError as error:
