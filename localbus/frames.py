@@ -1,9 +1,10 @@
 """A scan of incoming AMQP frames that drops frames sent on an ended session's channel.
 
 azure-servicebus 7.15 (pyamqp) may send the detach of its `$management` link after the
-end of that link's session. AMQP 1.0 (part 2.7.8) allows no frame on a channel after
-its end, and proton closes the connection with the error "no such channel", so the
-SDK's clean close ends in an error on both sides. The broker drops such frames instead.
+end of that link's session. AMQP 1.0 allows no frame on a channel between the end of a
+session and the next begin, and proton closes the connection with the error "no such
+channel", so the SDK's clean close ends in an error on both sides. The broker drops
+such frames instead.
 
 The scan reads only frame headers and the first bytes of each body, and passes the
 received bytes on without copying them unless it drops or holds back a frame.

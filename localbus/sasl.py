@@ -30,8 +30,8 @@ SASL_MECHANISMS = 0x40
 SASL_INIT = 0x41
 SASL_OUTCOME = 0x44
 MECHANISMS = ("ANONYMOUS", "PLAIN")
-# AMQP 1.0 only guarantees 512-byte SASL frames. Clients send no more than a PLAIN
-# response in them, so a larger frame is taken for garbage.
+# Clients send no more than a PLAIN response in a SASL frame, so a larger frame is
+# taken for garbage.
 MAX_SASL_FRAME_BYTES = 8192
 
 
@@ -119,7 +119,8 @@ class SaslNegotiation:
             self.state = NegotiationState.DONE
             return b""
         if header != SASL_HEADER:
-            # AMQP 1.0 part 2.2: reply to an unsupported header with a supported one.
+            # AMQP 1.0 version negotiation: reply to an unsupported header with a
+            # supported one, then close.
             self._fail(f"unsupported protocol header {header!r}")
             return SASL_HEADER
         self._buffer = self._buffer[PROTOCOL_HEADER_BYTES:]

@@ -52,9 +52,10 @@ from localbus.state import BrokerState
 
 log = logging.getLogger("localbus")
 
-# Service Bus advertises an idle-time-out of 120 s in its open frame. azure-servicebus
-# 7.15 sends an empty frame once half of it passed without output, and its keep-alive
-# thread checks that at least every 30 s, so a healthy idle SDK connection stays open.
+# Service Bus advertises an idle-time-out of 120 s in its open frame (seen in a Qpid
+# JMS protocol trace against Service Bus). azure-servicebus 7.15 sends an empty frame
+# once half of it passed without output, and its keep-alive thread checks that at
+# least every 30 s, so a healthy idle SDK connection stays open.
 DEFAULT_IDLE_TIMEOUT_S = 120.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.
