@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from proton.reactor import ApplicationEvent, Container, EventInjector
+from proton.reactor import ApplicationEvent, EventInjector
 
 from consumer.config import (
     LOCAL_BROKER_KEY,
@@ -28,7 +28,12 @@ from localbus.config import (
     load_emulator_config,
     queue_entities,
 )
-from localbus.server import STOP_EVENT, BrokerHandler
+from localbus.server import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    STOP_EVENT,
+    BrokerHandler,
+    create_container,
+)
 from localbus.state import BrokerState
 from localbus.testing import BrokerOptions, open_journal
 
@@ -96,7 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--require-auth",
         action="store_true",
-        help="reject CBS tokens not signed with the emulator's shared access key",
+        help="reject CBS tokens not signed with the emulator's shared access key, "
+        "and SASL PLAIN credentials other than its key name and key",
+    )
+
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=_positive_seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help="advertised AMQP idle-time-out in seconds; a connection that sends "
+        "nothing for twice as long is closed",
     )
 
     parser.add_argument(
@@ -104,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text}")
+    return value
 
 
 def entities_from_args(args: argparse.Namespace) -> list[EntityConfig]:
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             require_auth=args.require_auth,
             host=args.host,
             port=args.port,
+            idle_timeout_s=args.idle_timeout_s,
         )
         state = BrokerState(options.entities, journal=open_journal(options))
     except BrokerConfigError as error:
@@ -176,9 +198,10 @@ def _serve(state: BrokerState, options: BrokerOptions) -> int:
         SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY),
         require_auth=options.require_auth,
         on_listening=on_listening,
+        idle_timeout_s=options.idle_timeout_s,
     )
     handler.injector = injector
-    container = Container(handler)
+    container = create_container(handler)
     container.selectable(injector)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

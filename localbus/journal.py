@@ -10,13 +10,20 @@ from localbus.messages import IncomingMessage, Message
 
 
 class Journal(Protocol):
-    """Durable record of entities, messages, session state and scheduled messages."""
+    """Durable record of entities, messages, session state and scheduled messages.
+
+    `message_locked` records that a message was delivered under a lock. The next
+    `message_stored` or `message_removed` of that message ends the record, so the
+    messages still recorded at start-up are those whose lock the broker lost.
+    """
 
     def entity_added(self, entity: EntityConfig) -> None: ...
 
     def message_stored(self, store: str, message: Message) -> None: ...
 
     def message_removed(self, store: str, sequence_number: int) -> None: ...
+
+    def message_locked(self, store: str, sequence_number: int) -> None: ...
 
     def session_state_stored(
         self, store: str, session_id: str, state: bytes | None
@@ -34,6 +41,8 @@ class Journal(Protocol):
 
     def stored_messages(self) -> Iterable[tuple[str, Message]]: ...
 
+    def locked_messages(self) -> Iterable[tuple[str, int]]: ...
+
     def session_states(self) -> Iterable[tuple[str, str, bytes]]: ...
 
     def scheduled_messages(self) -> Iterable[tuple[str, int, IncomingMessage]]: ...
@@ -49,6 +58,9 @@ class NullJournal:
         return None
 
     def message_removed(self, store: str, sequence_number: int) -> None:
+        return None
+
+    def message_locked(self, store: str, sequence_number: int) -> None:
         return None
 
     def session_state_stored(
@@ -71,6 +83,9 @@ class NullJournal:
         return []
 
     def stored_messages(self) -> Iterable[tuple[str, Message]]:
+        return ()
+
+    def locked_messages(self) -> Iterable[tuple[str, int]]:
         return ()
 
     def session_states(self) -> Iterable[tuple[str, str, bytes]]:

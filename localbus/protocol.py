@@ -25,6 +25,8 @@ from localbus.records import Outcome
 log = logging.getLogger("localbus")
 
 DEAD_LETTER_REASON = "DeadLetterReason"
+# The address of the broker's admin node (see `localbus.admin`).
+ADMIN_ADDRESS = "$localbus-admin"
 DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
 # .NET ticks (100 ns since 0001-01-01) at the Unix epoch.
 DOTNET_EPOCH_TICKS = 621_355_968_000_000_000
@@ -91,6 +93,8 @@ def link_kind(path: str) -> str:
     lowered = path.lower()
     if lowered == "$cbs":
         return "cbs"
+    if lowered == ADMIN_ADDRESS:
+        return "admin"
     if lowered.endswith("$management"):
         return "management"
     return "entity"

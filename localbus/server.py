@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proton import (
+    Connection,
     Delivery,
     Disposition,
     Endpoint,
@@ -23,40 +24,39 @@ from proton import (
     Link,
     Receiver,
     Sender,
-    symbol,
+    Transport,
 )
 from proton.reactor import Container
 
+from localbus.admin import check_admin_access, handle_admin
 from localbus.auth import SharedAccessKey
-from localbus.codec import encode_delivery, read_transfer, tag_of
+from localbus.codec import read_transfer
 from localbus.errors import (
     SESSION_LOCK_LOST,
-    TIMEOUT,
-    UNAUTHORIZED,
     BrokerError,
 )
+from localbus.listener import BrokerIOHandler, Listener, abort_connection
 from localbus.management import ManagementRequest, handle_cbs, handle_management
 from localbus.paths import entity_path
 from localbus.protocol import (
     Timer,
     condition_of,
-    dotnet_ticks,
     guard_handlers,
     link_kind,
     outcome_of,
-    read_filters,
 )
+from localbus.receive_links import ReceiveLinks
 from localbus.records import MessagesReady, SessionGranted, SessionLost
+from localbus.sasl import SaslNegotiation
 from localbus.state import BrokerState
 
 log = logging.getLogger("localbus")
 
-SESSION_FILTER = symbol("com.microsoft:session-filter")
-LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
-ACCEPT_TIMEOUT = symbol("com.microsoft:timeout")
-# azure-servicebus 7.15 itself waits 65 s for a next-available session when it
-# sends no timeout, so the broker keeps such an accept pending as long.
-DEFAULT_ACCEPT_TIMEOUT_S = 65.0
+# Service Bus advertises an idle-time-out of 120 s in its open frame (seen in a Qpid
+# JMS protocol trace against Service Bus). azure-servicebus 7.15 sends an empty frame
+# once half of it passed without output, and its keep-alive thread checks that at
+# least every 30 s, so a healthy idle SDK connection stays open.
+DEFAULT_IDLE_TIMEOUT_S = 120.0
 SEND_CREDIT = 200
 # Application events injected from other threads by `localbus.testing`.
 CALL_EVENT = "localbus_call"
@@ -64,7 +64,7 @@ STOP_EVENT = "localbus_stop"
 
 
 @guard_handlers
-class BrokerHandler(Handler):
+class BrokerHandler(ReceiveLinks, Handler):
     """Proton handler that serves every connection of one broker."""
 
     def __init__(
@@ -75,6 +75,7 @@ class BrokerHandler(Handler):
         access_key: SharedAccessKey,
         require_auth: bool = False,
         on_listening: Callable[[int], None] | None = None,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         super().__init__()
         self.state = state
@@ -83,12 +84,14 @@ class BrokerHandler(Handler):
         self._access_key = access_key
         self._require_auth = require_auth
         self._on_listening = on_listening
+        self._idle_timeout_s = idle_timeout_s
         self._container: Container | None = None
+        self._connections: set[Connection] = set()
         self._receive_links: dict[int, Sender] = {}
         self._receiver_ids = itertools.count(1)
         self._timer: Any = None
         self._timer_at: float | None = None
-        self.acceptor: Any = None
+        self.listener: Listener | None = None
         self.injector: Any = None
         self.listen_error: OSError | None = None
 
@@ -97,7 +100,13 @@ class BrokerHandler(Handler):
     def on_reactor_init(self, event: Event) -> None:
         self._container = event.container
         try:
-            self.acceptor = event.container.acceptor(self._host, self._port)
+            self.listener = Listener(
+                event.container,
+                self._host,
+                self._port,
+                lambda: SaslNegotiation(self._access_key, self._require_auth),
+                self._configure_transport,
+            )
         except OSError as error:
             log.error(
                 "broker_listen_failed host=%s port=%s error=%s",
@@ -110,7 +119,7 @@ class BrokerHandler(Handler):
                 self.injector.close()
             event.container.stop()
             return
-        port = self.acceptor._selectable.getsockname()[1]
+        port = self.listener.port
         log.info("broker_listening host=%s port=%s", self._host, port)
         if self._on_listening is not None:
             self._on_listening(port)
@@ -124,20 +133,30 @@ class BrokerHandler(Handler):
         log.info("broker_stopping")
         if self._timer is not None:
             self._timer.cancel()
-        if self.acceptor is not None:
+        if self.listener is not None:
             # Stopping the container leaves the listening socket open, so clients
             # would still connect to a broker that no longer responds.
-            self.acceptor.close()
+            self.listener.close()
         if self.injector is not None:
             self.injector.close()
         assert self._container is not None
         self._container.stop()
 
+    def _configure_transport(self, transport: Transport) -> None:
+        # Proton closes a connection that sends nothing for this long and
+        # advertises half of it as idle-time-out, so clients send empty frames.
+        transport.idle_timeout = 2 * self._idle_timeout_s
+
     def on_connection_bound(self, event: Event) -> None:
-        sasl = event.transport.sasl()
-        sasl.allowed_mechs("ANONYMOUS")
-        event.connection.localbus_audiences = set()
-        event.connection.localbus_receivers = set()
+        connection = event.connection
+        connection.localbus_audiences = set()
+        connection.localbus_receivers = set()
+        identity = getattr(connection, "localbus_identity", None)
+        if identity is not None and identity.key_verified:
+            # PLAIN with the shared access key grants the whole namespace, as a
+            # token for the namespace would.
+            connection.localbus_audiences.add("")
+        self._connections.add(connection)
 
     def on_connection_remote_open(self, event: Event) -> None:
         if event.connection.state & Endpoint.LOCAL_UNINIT:
@@ -161,14 +180,22 @@ class BrokerHandler(Handler):
 
     def on_transport_closed(self, event: Event) -> None:
         if event.connection is not None:
+            self._connections.discard(event.connection)
             self._release_connection(event.connection)
 
     def on_transport_tail_closed(self, event: Event) -> None:
+        connection = event.connection
+        if connection is not None and connection.state & Endpoint.LOCAL_CLOSED:
+            # Proton closes the output side itself once the close frame is out,
+            # and a client that waits for that frame gets it.
+            return
         # Proton stops reading after the peer's end of stream or an undecodable
         # frame, but it keeps the socket open until its output side closes too.
         event.transport.close_head()
 
     def on_transport_error(self, event: Event) -> None:
+        if getattr(event.connection, "localbus_cut", False):
+            return
         condition = event.transport.condition
         log.warning(
             "connection_failed error=%s", condition.description if condition else None
@@ -232,16 +259,18 @@ class BrokerHandler(Handler):
         link.localbus_kind = kind
         link.localbus_path = path
         link.localbus_rejection = None
-        if kind == "entity":
-            try:
+        try:
+            if kind == "entity":
                 target = self.state.target_for(path)
                 self._check_authorized(link, path)
                 link.max_message_size = target.max_message_size_bytes
-            except BrokerError as error:
-                # The SDK sends its first message before it reads a detach that
-                # follows the attach, and then reports an unknown error. Rejecting
-                # that message with the error lets it raise the matching exception.
-                link.localbus_rejection = error
+            elif kind == "admin":
+                check_admin_access(link.connection)
+        except BrokerError as error:
+            # The SDK sends its first message before it reads a detach that
+            # follows the attach, and then reports an unknown error. Rejecting
+            # that message with the error lets it raise the matching exception.
+            link.localbus_rejection = error
         link.open()
         link.flow(SEND_CREDIT)
 
@@ -252,7 +281,14 @@ class BrokerHandler(Handler):
         link.target.address = link.remote_target.address
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
-        if link_kind(path) != "entity":
+        kind = link_kind(path)
+        if kind == "admin":
+            try:
+                check_admin_access(link.connection)
+            except BrokerError as error:
+                self._reject_link(link, error)
+                return
+        if kind != "entity":
             link.session.localbus_replies = {
                 **getattr(link.session, "localbus_replies", {}),
                 path.lower(): link,
@@ -260,99 +296,6 @@ class BrokerHandler(Handler):
             link.open()
             return
         self._attach_receiver(link, path)
-
-    def _attach_receiver(self, link: Sender, path: str) -> None:
-        filters = read_filters(link)
-        has_filter = SESSION_FILTER in filters
-        session_id = filters.get(SESSION_FILTER)
-        receiver_id = next(self._receiver_ids)
-        try:
-            self._check_authorized(link, path)
-            result = self.state.attach_receiver(
-                receiver_id,
-                path,
-                session_id=None if session_id is None else str(session_id),
-                session_filter=has_filter,
-                receive_and_delete=link.remote_snd_settle_mode == Link.SND_SETTLED,
-            )
-        except BrokerError as error:
-            self._reject_link(link, error)
-            return
-        link.localbus_receiver_id = receiver_id
-        link.localbus_path = path
-        link.localbus_session_filter = has_filter
-        self._receive_links[receiver_id] = link
-        link.connection.localbus_receivers.add(receiver_id)
-        if result.waiting:
-            self._wait_for_session(link, receiver_id)
-            return
-        self._complete_attach(link, result.session_id, result.locked_until_ms)
-
-    def _wait_for_session(self, link: Sender, receiver_id: int) -> None:
-        properties = link.remote_properties or {}
-        timeout_ms = properties.get(ACCEPT_TIMEOUT)
-        delay_s = timeout_ms / 1000 if timeout_ms else DEFAULT_ACCEPT_TIMEOUT_S
-
-        def expire() -> None:
-            link.localbus_accept_timer = None
-            if not self.state.cancel_accept(receiver_id):
-                return
-            self._receive_links.pop(receiver_id, None)
-            link.connection.localbus_receivers.discard(receiver_id)
-            link.localbus_receiver_id = None
-            self._reject_link(
-                link,
-                BrokerError(
-                    TIMEOUT,
-                    f"no session of {entity_path(link.remote_source.address)} became "
-                    f"available within {delay_s:.1f}s",
-                ),
-            )
-
-        assert self._container is not None
-        link.localbus_accept_timer = self._container.schedule(delay_s, Timer(expire))
-
-    def _complete_attach(
-        self, link: Sender, session_id: str | None, locked_until_ms: int | None
-    ) -> None:
-        if getattr(link, "localbus_session_filter", False):
-            link.source.filter.put_map()
-            link.source.filter.enter()
-            link.source.filter.put_symbol(SESSION_FILTER)
-            link.source.filter.put_string(session_id or "")
-            link.source.filter.exit()
-        if locked_until_ms is not None:
-            link.properties = {LOCKED_UNTIL_UTC: dotnet_ticks(locked_until_ms)}
-        link.open()
-        receiver_id = link.localbus_receiver_id
-        if receiver_id is not None:
-            self._pump(link, receiver_id)
-
-    def _reject_link(self, link: Link, error: BrokerError) -> None:
-        # The SDK needs a reply attach before the detach that carries the error,
-        # so open the link and close it at once.
-        log.info(
-            "link_rejected condition=%s description=%s",
-            error.condition,
-            error.description,
-        )
-        if link.state & Endpoint.LOCAL_UNINIT:
-            link.open()
-        link.condition = condition_of(error)
-        link.close()
-
-    def _check_authorized(self, link: Link, path: str) -> None:
-        if not self._require_auth:
-            return
-        audiences: set[str] = link.connection.localbus_audiences
-        entity = path.split("/", 1)[0].lower()
-        if "" in audiences or entity in audiences:
-            return
-        raise BrokerError(
-            UNAUTHORIZED,
-            f"no valid token was put for {path!r}; put a token signed with the "
-            "broker's shared access key on $cbs first",
-        )
 
     # Deliveries -----------------------------------------------------------------
 
@@ -407,6 +350,8 @@ class BrokerHandler(Handler):
             reply = handle_cbs(request, self._access_key, self._require_auth)
             if reply.audience is not None:
                 link.connection.localbus_audiences.add(reply.audience)
+        elif kind == "admin":
+            reply = handle_admin(self, request, link.connection)
         else:
             reply = handle_management(self.state, request)
         replies = getattr(link.session, "localbus_replies", {})
@@ -439,22 +384,6 @@ class BrokerHandler(Handler):
             return
         delivery.update(delivery.remote_state)
         delivery.settle()
-
-    def _pump(self, link: Sender, receiver_id: int) -> None:
-        while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
-            record = self.state.receive(receiver_id)
-            if record is None:
-                break
-            token = record.lock_token or uuid.uuid4()
-            delivery = link.delivery(tag_of(token))
-            link.send(encode_delivery(record))
-            link.advance()
-            if record.lock_token is None:
-                delivery.settle()
-            else:
-                delivery.localbus_token = record.lock_token
-        if link.drain_mode and link.credit > 0:
-            link.drained()
 
     # Events and timers ------------------------------------------------------------
 
@@ -504,3 +433,50 @@ class BrokerHandler(Handler):
         self._timer_at = None
         self.state.fire_deadlines()
         self._after_change()
+
+    # Faults for the admin node ------------------------------------------------------
+
+    def cut_connections(
+        self, entity: str | None = None, keep: Connection | None = None
+    ) -> int:
+        """Reset client connections without AMQP close frames; return how many.
+
+        With `entity`, only connections that have a link on that entity (its
+        queue, subscriptions, dead-letter queue or `$management`) are cut.
+        """
+        cut = 0
+        for connection in list(self._connections):
+            if connection == keep:
+                continue
+            if entity is not None and not _has_link_on(connection, entity):
+                continue
+            connection.localbus_cut = True
+            if abort_connection(connection):
+                cut += 1
+        log.info("connections_cut entity=%s count=%s", entity, cut)
+        return cut
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire held session locks now; return the ids of the expired sessions."""
+        expired = self.state.expire_session_locks(entity, session_id)
+        self._after_change()
+        log.info("session_locks_expired entity=%s sessions=%s", entity, expired)
+        return expired
+
+
+def create_container(handler: BrokerHandler) -> Container:
+    """Return a proton container that runs `handler` with the broker's socket I/O."""
+    return Container(handler, global_handler=BrokerIOHandler())
+
+
+def _has_link_on(connection: Connection, entity: str) -> bool:
+    wanted = entity.strip("/").lower()
+    link = connection.link_head(0)
+    while link is not None:
+        terminus = link.remote_target if link.is_receiver else link.remote_source
+        if entity_path(terminus.address).split("/", 1)[0].lower() == wanted:
+            return True
+        link = link.next(0)
+    return False

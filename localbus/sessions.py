@@ -173,6 +173,7 @@ class SessionLocking:
             holder = 0
             self._add_deadline(until, "message", store.name, message.sequence_number)
         store.lock(message, holder, until)
+        self._journal.message_locked(store.name, message.sequence_number)
 
     def remove_message(self, store: MessageStore, message: Message) -> None:
         """Delete a message for good, as complete and receive-and-delete do."""

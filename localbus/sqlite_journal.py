@@ -2,15 +2,17 @@
 
 Every change is written before the broker replies to the client, in autocommit mode
 with a write-ahead log, so a restarted broker finds what a killed one had accepted.
-Locks are not stored: after a restart every message is available again, as it would
-be once its lock expired.
+Lock tokens are not stored: after a restart every message is available again, as it
+would be once its lock expired. The `locks` table only records which messages were
+delivered under a lock, so that the restarted broker counts that delivery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,11 @@ CREATE TABLE IF NOT EXISTS scheduled (
     fields TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS locks (
+    store TEXT NOT NULL,
+    sequence_number INTEGER NOT NULL,
+    PRIMARY KEY (store, sequence_number)
+);
 """
 _MESSAGE_FIELDS = (
     "message_id",
@@ -76,6 +83,14 @@ class SqliteJournal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # The rows of `locks`, so that storing or removing a message that was
+        # never locked costs no extra statement.
+        self._locked: set[tuple[str, int]] = {
+            (store, number)
+            for store, number in self._db.execute(
+                "SELECT store, sequence_number FROM locks"
+            )
+        }
 
     def close(self) -> None:
         """Close the database connection."""
@@ -100,17 +115,53 @@ class SqliteJournal:
             MessageStatus.DEFERRED,
             MessageStatus.DEFERRED_LOCKED,
         )
-        self._db.execute(
-            "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
-            (store, message.sequence_number, message.payload, json.dumps(fields)),
-        )
-        self._raise_sequence(message.sequence_number)
+        with self._ending_lock(store, message.sequence_number):
+            self._db.execute(
+                "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
+                (store, message.sequence_number, message.payload, json.dumps(fields)),
+            )
+            self._raise_sequence(message.sequence_number)
 
     def message_removed(self, store: str, sequence_number: int) -> None:
+        with self._ending_lock(store, sequence_number):
+            self._db.execute(
+                "DELETE FROM messages WHERE store = ? AND sequence_number = ?",
+                (store, sequence_number),
+            )
+
+    def message_locked(self, store: str, sequence_number: int) -> None:
+        if (store, sequence_number) in self._locked:
+            return
         self._db.execute(
-            "DELETE FROM messages WHERE store = ? AND sequence_number = ?",
-            (store, sequence_number),
+            "INSERT OR IGNORE INTO locks VALUES (?, ?)", (store, sequence_number)
         )
+        self._locked.add((store, sequence_number))
+
+    def locked_messages(self) -> Iterable[tuple[str, int]]:
+        return sorted(self._locked)
+
+    @contextlib.contextmanager
+    def _ending_lock(self, store: str, sequence_number: int) -> Iterator[None]:
+        """Delete the message's lock row, if any, in one transaction with the change.
+
+        A crash between the two writes would otherwise count the delivery again
+        at the next start.
+        """
+        if (store, sequence_number) not in self._locked:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute(
+                "DELETE FROM locks WHERE store = ? AND sequence_number = ?",
+                (store, sequence_number),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._locked.discard((store, sequence_number))
 
     def session_state_stored(
         self, store: str, session_id: str, state: bytes | None

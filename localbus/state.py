@@ -20,6 +20,7 @@ from localbus.errors import (
     NOT_FOUND,
     BrokerError,
 )
+from localbus.expiry import DeadlineHandling
 from localbus.journal import Journal, NullJournal
 from localbus.messages import (
     Delivery,
@@ -34,7 +35,6 @@ from localbus.records import (
     MessagesReady,
     Outcome,
     Receiver,
-    SessionLost,
 )
 from localbus.routing import SendTarget, build_targets
 from localbus.sessions import SessionLocking
@@ -44,7 +44,7 @@ MAX_DELIVERY_COUNT_REASON = "MaxDeliveryCountExceeded"
 TTL_EXPIRED_REASON = "TTLExpiredException"
 
 
-class BrokerState(SessionLocking):
+class BrokerState(SessionLocking, DeadlineHandling):
     """All entities of one broker and the rules that move their messages."""
 
     def __init__(
@@ -161,8 +161,8 @@ class BrokerState(SessionLocking):
     def _schedule(
         self, target: SendTarget, message: IncomingMessage, number: int, at_ms: int
     ) -> None:
-        # NOTE: the message keeps the sequence number it got when it was scheduled,
-        # so it goes ahead of later messages of its session that are still queued.
+        # `number` identifies the scheduled message until it is due, for
+        # cancel-scheduled-message. `_activate_scheduled` enqueues it under a new one.
         self.scheduled[number] = (target.name, message)
         self._journal.scheduled_stored(target.name, number, message)
         self._add_deadline(at_ms, "scheduled", target.name, number)
@@ -289,6 +289,7 @@ class BrokerState(SessionLocking):
                 locked_until, "message", store.name, message.sequence_number
             )
         store.lock(message, receiver_id, locked_until)
+        self._journal.message_locked(store.name, message.sequence_number)
         receiver.unsettled.add(message.sequence_number)
         return Delivery.of(message)
 
@@ -333,14 +334,7 @@ class BrokerState(SessionLocking):
     def _return_failed(self, store: MessageStore, message: Message) -> None:
         """Count a failed delivery and put the message back, or dead-letter it."""
         message.delivery_count += 1
-        limit = store.settings.max_delivery_count
-        if store.name in self.dead_letter_stores and message.delivery_count >= limit:
-            self._dead_letter(
-                store,
-                message,
-                MAX_DELIVERY_COUNT_REASON,
-                f"Message could not be consumed after {limit} delivery attempts.",
-            )
+        if self._dead_letter_if_exhausted(store, message):
             return
         if message.status is MessageStatus.DEFERRED_LOCKED:
             store.defer(message)
@@ -348,6 +342,19 @@ class BrokerState(SessionLocking):
             store.make_available(message)
             self._wake(store, message.session_id)
         self._journal.message_stored(store.name, message)
+
+    def _dead_letter_if_exhausted(self, store: MessageStore, message: Message) -> bool:
+        """Dead-letter `message` once its delivery count reached the max; tell if so."""
+        limit = store.settings.max_delivery_count
+        if store.name not in self.dead_letter_stores or message.delivery_count < limit:
+            return False
+        self._dead_letter(
+            store,
+            message,
+            MAX_DELIVERY_COUNT_REASON,
+            f"Message could not be consumed after {limit} delivery attempts.",
+        )
+        return True
 
     def _dead_letter(
         self, store: MessageStore, message: Message, reason: str, description: str
@@ -379,75 +386,19 @@ class BrokerState(SessionLocking):
         store.remove(message.sequence_number)
         self._journal.message_removed(store.name, message.sequence_number)
 
-    # Events and timers ----------------------------------------------------------
-
-    def drain_events(self) -> list[Event]:
-        """Return and forget the events produced since the last call."""
-        events, self._events = self._events, []
-        return events
-
-    def next_deadline(self) -> float | None:
-        """Epoch seconds of the earliest pending lock, TTL or schedule deadline."""
-        at_ms = self._deadlines.next_at_ms()
-        return at_ms / 1000 if at_ms is not None else None
-
-    def fire_deadlines(self) -> None:
-        """Expire every lock, TTL and scheduled enqueue that is due."""
-        now = self.now_ms()
-        while (deadline := self._deadlines.pop_due(now)) is not None:
-            kind, name, key = deadline.kind, deadline.store, deadline.key
-            if kind == "scheduled":
-                self._activate_scheduled(key, now)
-                continue
-            store = self.stores.get(name)
-            if store is None:
-                continue
-            if kind == "session":
-                self._expire_session(store, str(key), now)
-            elif kind == "message":
-                self._expire_message_lock(store, key, now)
-            else:
-                self._expire_ttl_deadline(store, key, now)
-
     def _add_deadline(self, at_ms: int, kind: str, name: str, key: object) -> None:
         self._deadlines.add(at_ms, kind, name, key)
 
-    def _expire_session(self, store: MessageStore, session_id: str, now: int) -> None:
-        session = store.sessions.get(session_id)
-        if session is None or session.holder is None or session.locked_until_ms > now:
-            return
-        receiver = self._receivers.get(session.holder)
-        if receiver is not None:
-            receiver.lost = True
-            self._events.append(SessionLost(receiver.receiver_id, session_id))
-        self._release_session(store, session)
+    def _count_lost_lock(self, store: MessageStore, message: Message) -> None:
+        """Count the delivery of a message whose lock a previous run held at its end.
 
-    def _expire_ttl_deadline(self, store: MessageStore, key: object, now: int) -> None:
-        message = store.messages.get(key)  # type: ignore[call-overload]
-        if message is None or message.expires_at_ms is None:
+        As with an expired lock, the message is dead-lettered when the count
+        reaches the max delivery count, and stays available or deferred otherwise.
+        """
+        message.delivery_count += 1
+        if self._dead_letter_if_exhausted(store, message):
             return
-        idle = message.status in (MessageStatus.AVAILABLE, MessageStatus.DEFERRED)
-        if idle and message.expires_at_ms <= now:
-            self._expire_ttl(store, message)
-
-    def _expire_message_lock(self, store: MessageStore, key: object, now: int) -> None:
-        message = store.messages.get(key)  # type: ignore[call-overload]
-        if message is None or message.lock_token is None:
-            return
-        if message.locked_until_ms > now:
-            return
-        receiver = self._receivers.get(message.holder or -1)
-        if receiver is not None:
-            receiver.unsettled.discard(message.sequence_number)
-        self._return_failed(store, message)
-
-    def _activate_scheduled(self, key: object, now: int) -> None:
-        entry = self.scheduled.pop(key, None)  # type: ignore[call-overload]
-        if entry is None:
-            return
-        target_name, message = entry
-        self._journal.scheduled_removed(int(key))  # type: ignore[call-overload]
-        self._route(self.targets[target_name], message, int(key), now)  # type: ignore[call-overload]
+        self._journal.message_stored(store.name, message)
 
     def _wake(self, store: MessageStore, session_id: str | None) -> None:
         if not store.requires_session:
@@ -472,6 +423,11 @@ class BrokerState(SessionLocking):
                 self._add_deadline(
                     message.expires_at_ms, "ttl", store.name, message.sequence_number
                 )
+        for store_name, number in self._journal.locked_messages():
+            store = self.stores.get(store_name)
+            locked = store.messages.get(number) if store is not None else None
+            if store is not None and locked is not None:
+                self._count_lost_lock(store, locked)
         for store_name, session_id, state in self._journal.session_states():
             store = self.stores.get(store_name)
             if store is not None:

@@ -2,7 +2,9 @@
 
 `run_broker()` runs the broker on its own thread and exposes `.state` for white-box
 checks. `run_broker_process()` runs `python -m localbus` so a test can kill, terminate
-and restart it on the same port and data directory.
+and restart it on the same port and data directory. Both can cut client connections
+and expire session locks on demand; the subprocess through its admin node
+(`localbus.admin`), which `admin_client()` connects to.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from consumer.config import (
     LOCAL_BROKER_KEY_NAME,
     local_connection_string,
 )
+from localbus.admin_client import AdminClient
 from localbus.auth import SharedAccessKey
 from localbus.config import (
     DEFAULT_ENTITY,
@@ -34,7 +37,13 @@ from localbus.config import (
     QueueConfig,
     QueueSettings,
 )
-from localbus.server import CALL_EVENT, STOP_EVENT, BrokerHandler
+from localbus.server import (
+    CALL_EVENT,
+    DEFAULT_IDLE_TIMEOUT_S,
+    STOP_EVENT,
+    BrokerHandler,
+    create_container,
+)
 from localbus.state import BrokerState
 
 START_TIMEOUT_S = 15.0
@@ -52,6 +61,7 @@ class BrokerOptions:
     require_auth: bool = False
     host: str = "127.0.0.1"
     port: int = 0
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
 
 def build_options(
@@ -62,6 +72,7 @@ def build_options(
     require_auth: bool = False,
     host: str = "127.0.0.1",
     port: int = 0,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> BrokerOptions:
     """Turn entity names into session-enabled queues with the given lock settings."""
     settings = QueueSettings(
@@ -81,6 +92,7 @@ def build_options(
         require_auth=require_auth,
         host=host,
         port=port,
+        idle_timeout_s=idle_timeout_s,
     )
 
 
@@ -91,6 +103,7 @@ class RunningBroker:
     host: str
     port: int
     state: BrokerState
+    _handler: BrokerHandler = field(repr=False)
     _container: Container = field(repr=False)
     _injector: EventInjector = field(repr=False)
     _thread: threading.Thread = field(repr=False)
@@ -121,6 +134,24 @@ class RunningBroker:
         if not succeeded:
             raise value
         return cast(T, value)
+
+    def cut_connections(self, entity: str | None = None) -> int:
+        """Reset every client connection, or those with a link on `entity`, at once.
+
+        Returns how many connections were cut. The clients see their sockets reset
+        without AMQP close frames.
+        """
+        return self.call(lambda: self._handler.cut_connections(entity))
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire the held session locks now, or only those of `entity`/`session_id`.
+
+        Returns the ids of the expired sessions. Their receivers are detached with
+        session-lock-lost, as when a lock runs out.
+        """
+        return self.call(lambda: self._handler.expire_session_locks(entity, session_id))
 
     def stop(self) -> None:
         """Stop the broker, closing every connection, and wait for its thread."""
@@ -156,8 +187,9 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
         SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY),
         require_auth=options.require_auth,
         on_listening=on_listening,
+        idle_timeout_s=options.idle_timeout_s,
     )
-    container = Container(handler)
+    container = create_container(handler)
     injector = EventInjector()
     container.selectable(injector)
     handler.injector = injector
@@ -174,7 +206,9 @@ def start_broker(options: BrokerOptions) -> RunningBroker:
             raise RuntimeError(
                 f"the local broker did not start within {START_TIMEOUT_S}s"
             )
-    return RunningBroker(options.host, ports[0], state, container, injector, thread)
+    return RunningBroker(
+        options.host, ports[0], state, handler, container, injector, thread
+    )
 
 
 @contextlib.contextmanager
@@ -183,7 +217,7 @@ def run_broker(**options: Any) -> Iterator[RunningBroker]:
 
     Options: `entities` (names or `QueueConfig`/`TopicConfig`), `lock_duration_s`,
     `max_delivery_count`, `data_dir`, `require_auth`, `host`, `port` (0 picks a
-    free port).
+    free port), `idle_timeout_s`.
     """
     broker = start_broker(build_options(**options))
     try:
@@ -256,7 +290,27 @@ class BrokerProcess:
             arguments += ["--data-dir", str(self.options.data_dir)]
         if self.options.require_auth:
             arguments.append("--require-auth")
+        arguments += ["--idle-timeout-s", str(self.options.idle_timeout_s)]
         return arguments + self._extra_args
+
+    def cut_connections(self, entity: str | None = None) -> int:
+        """Reset every client connection, or those with a link on `entity`, at once.
+
+        Returns how many connections were cut. Raises `AdminError` when the broker
+        does not respond.
+        """
+        with admin_client(self.host, self.port) as admin:
+            return admin.cut_connections(entity)
+
+    def expire_session_locks(
+        self, entity: str | None = None, session_id: str | None = None
+    ) -> list[str]:
+        """Expire the held session locks now, or only those of `entity`/`session_id`.
+
+        Returns the ids of the expired sessions.
+        """
+        with admin_client(self.host, self.port) as admin:
+            return admin.expire_session_locks(entity, session_id)
 
     def kill(self) -> None:
         """Stop the broker with SIGKILL, as a crash would."""
@@ -286,6 +340,13 @@ class BrokerProcess:
             process.stdout.close()
         self.exit_status = process.returncode
         self._process = None
+
+
+def admin_client(host: str, port: int) -> AdminClient:
+    """Connect to the admin node of a broker started with the emulator's key."""
+    return AdminClient(
+        host, port, SharedAccessKey(LOCAL_BROKER_KEY_NAME, LOCAL_BROKER_KEY)
+    )
 
 
 def _read_line(process: subprocess.Popen[str], timeout_s: float) -> str:

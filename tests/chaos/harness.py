@@ -21,6 +21,7 @@ from typing import Any
 from consumer.config import load_settings, local_connection_string
 from consumer.errors import TransportError
 from consumer.publish import SendRetryPolicy, build_message, publish_messages
+from localbus.admin_client import AdminError
 from tests.chaos.broker_state import read_dead_letters, read_sessions
 from tests.chaos.journal import read_journal
 from tests.chaos.oracle import InjectedFault, Verdict, judge
@@ -194,8 +195,35 @@ class ChaosRun:
             self.record(fault.kind, f"{cut} connections")
         elif fault.kind is FaultKind.RESTART_BROKER:
             await self.restart_broker(fault.hard)
+        elif fault.kind in (
+            FaultKind.BROKER_CUT_CONNECTIONS,
+            FaultKind.EXPIRE_SESSION_LOCKS,
+        ):
+            await self.broker_fault(fault)
         else:
             await self.stop_consumer(fault)
+
+    async def broker_fault(self, fault: PlannedFault) -> None:
+        """Make the broker cut connections or expire session locks at once.
+
+        A hard cut resets every client connection and a soft one those with a link
+        on the run's entity. Both reach the publisher's connection while it sends.
+        """
+        broker = self.broker
+        assert broker is not None
+        began_at = time.time()
+        try:
+            if fault.kind is FaultKind.BROKER_CUT_CONNECTIONS:
+                entity = None if fault.hard else ENTITY
+                cut = await asyncio.to_thread(broker.cut_connections, entity)
+                detail = f"{cut} connections of {entity or 'every entity'}"
+            else:
+                expired = await asyncio.to_thread(broker.expire_session_locks, ENTITY)
+                detail = f"{len(expired)} sessions"
+        except AdminError as error:
+            self.notes.append(f"skipped {fault.kind}: {error}")
+            return
+        self.record(fault.kind, detail, began_at)
 
     async def stop_consumer(self, fault: PlannedFault) -> None:
         assert self.pool is not None

@@ -11,7 +11,7 @@ Rules, per published message id:
 3. A second handling of the same message (same sequence number) needs a fault that was
    going on between the start of the first handling and the second one. The fault must
    be of a kind that can fall between handler and settlement: a killed or stopped
-   consumer, a cut connection or a broker restart.
+   consumer, a cut connection, an expired session lock or a broker restart.
 4. A second copy (new sequence number) needs a publish retry of that message.
 5. No message stays active in the queue, and no deferred message stays in an order
    that is not parked, where nothing would fetch it again.
@@ -36,6 +36,8 @@ DISRUPTING_KINDS = frozenset(
         "terminate_consumer",
         "restart_broker",
         "cut_connections",
+        "broker_cut_connections",
+        "expire_session_locks",
         "consumer_exited",
     }
 )

@@ -37,6 +37,8 @@ class FaultKind(StrEnum):
     TERMINATE_CONSUMER = "terminate_consumer"
     RESTART_BROKER = "restart_broker"
     CUT_CONNECTIONS = "cut_connections"
+    BROKER_CUT_CONNECTIONS = "broker_cut_connections"
+    EXPIRE_SESSION_LOCKS = "expire_session_locks"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localbus.testing import admin_client
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 # A stopped consumer that is not gone after this many seconds is killed.
 STOP_TIMEOUT_S = 15.0
@@ -190,6 +192,19 @@ class BrokerLauncher:
             self.kill()
             raise RuntimeError(f"the broker did not start; see {log_path}")
         self.port = int(line.split(marker, 1)[1].split(";", 1)[0])
+
+    def cut_connections(self, entity: str | None = None) -> int:
+        """Reset the broker's client connections, or those on `entity`; count them.
+
+        Raises `localbus.admin_client.AdminError` when the broker does not respond.
+        """
+        with admin_client(self.host, self.port) as admin:
+            return admin.cut_connections(entity)
+
+    def expire_session_locks(self, entity: str | None = None) -> list[str]:
+        """Expire the broker's held session locks now; return the session ids."""
+        with admin_client(self.host, self.port) as admin:
+            return admin.expire_session_locks(entity)
 
     def kill(self) -> None:
         """Stop the broker with SIGKILL, as a crash would."""

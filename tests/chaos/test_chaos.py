@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,21 @@ CI_SEED = 2
 CI_DURATION_S = 40.0
 
 
+# azure-servicebus 7.15 leaves the socket, stream writer and transport of a sender
+# whose open failed to the garbage collector. The publisher runs in this process, and
+# the broker's cuts and restarts make its opens fail.
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket:ResourceWarning")
+@pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning")
+@pytest.mark.filterwarnings("ignore:unclosed transport:ResourceWarning")
 async def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
     report = await run_chaos(
         RunOptions(seed=CI_SEED, duration_s=CI_DURATION_S, work_dir=tmp_path)
     )
+    # Collect the leaked SDK objects while the filters above apply, not during a
+    # later test of this worker.
+    gc.collect()
     summary = render(report)
     assert report.verdict.violations == [], summary
     assert report.verdict.counts["handled"] > 0, summary

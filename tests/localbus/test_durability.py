@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from azure.servicebus import ServiceBusClient, ServiceBusMessage
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
 from localbus.config import QueueConfig, QueueSettings
 from localbus.testing import run_broker, run_broker_process
@@ -59,3 +59,58 @@ def test_killed_process_restarts_with_messages(tmp_path: Path) -> None:
             with sdk.get_queue_receiver("jobs", max_wait_time=1) as receiver:
                 (later,) = receiver.receive_messages(max_wait_time=1)
                 assert later.sequence_number > received[-1].sequence_number
+
+
+def test_lost_lock_counts_after_kill(tmp_path: Path) -> None:
+    with run_broker_process(
+        entities=[QUEUE], data_dir=tmp_path, max_delivery_count=2
+    ) as broker:
+        with ServiceBusClient.from_connection_string(broker.connection_string) as sdk:
+            with sdk.get_queue_sender(QUEUE) as sender:
+                sender.send_messages(
+                    [ServiceBusMessage(body, session_id="s1") for body in "ab"]
+                )
+            for expected_count in (0, 1):
+                receiver = sdk.get_queue_receiver(
+                    QUEUE, session_id="s1", max_wait_time=1
+                )
+                (locked,) = receiver.receive_messages(max_wait_time=1)
+                assert (str(locked), locked.delivery_count) == ("a", expected_count)
+                # The broker dies with the message locked.
+                broker.kill()
+                broker.start()
+                receiver.close()
+            with sdk.get_queue_receiver(QUEUE, session_id="s1", max_wait_time=1) as r:
+                (next_message,) = r.receive_messages(max_wait_time=1)
+                assert (str(next_message), next_message.delivery_count) == ("b", 0)
+                r.complete_message(next_message)
+            with sdk.get_queue_receiver(
+                QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=1
+            ) as dead_letters:
+                (dead,) = dead_letters.receive_messages(max_wait_time=1)
+                assert str(dead) == "a"
+                assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
+                assert dead.delivery_count == 2
+                dead_letters.complete_message(dead)
+
+
+def test_restart_counts_only_unsettled_locks(tmp_path: Path) -> None:
+    with run_broker_process(entities=[QUEUE], data_dir=tmp_path) as broker:
+        with ServiceBusClient.from_connection_string(broker.connection_string) as sdk:
+            with sdk.get_queue_sender(QUEUE) as sender:
+                sender.send_messages(
+                    [ServiceBusMessage(body, session_id="s1") for body in "abc"]
+                )
+            with sdk.get_queue_receiver(QUEUE, session_id="s1", max_wait_time=1) as r:
+                first, second = r.receive_messages(max_message_count=2, max_wait_time=1)
+                r.complete_message(first)
+                r.abandon_message(second)
+                (again,) = r.receive_messages(max_wait_time=1)
+                assert (str(again), again.delivery_count) == ("b", 1)
+                r.complete_message(again)
+            broker.kill()
+            broker.start()
+            with sdk.get_queue_receiver(QUEUE, session_id="s1", max_wait_time=1) as r:
+                (last,) = r.receive_messages(max_wait_time=1)
+                assert (str(last), last.delivery_count) == ("c", 0)
+                r.complete_message(last)

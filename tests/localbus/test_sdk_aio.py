@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -66,7 +67,9 @@ async def test_aio_settlement_outcomes(local_broker: RunningBroker) -> None:
             assert reasons == {"retry": "MaxDeliveryCountExceeded", "bad": "Bad"}
 
 
-async def test_aio_empty_accept_times_out(local_broker: RunningBroker) -> None:
+async def test_aio_empty_accept_times_out(
+    local_broker: RunningBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     async with ServiceBusClient.from_connection_string(
         local_broker.connection_string
     ) as client:
@@ -75,8 +78,12 @@ async def test_aio_empty_accept_times_out(local_broker: RunningBroker) -> None:
             async with client.get_queue_receiver(
                 QUEUE, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=1
             ) as receiver:
+                # The open succeeds without a session, as the consumer expects.
+                assert not isinstance(receiver.session.session_id, str)
                 await receiver.receive_messages(max_wait_time=1)
         assert time.monotonic() - started < 2 * 1 + 1.5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
 
 
 async def test_aio_held_session_cannot_be_locked(local_broker: RunningBroker) -> None:

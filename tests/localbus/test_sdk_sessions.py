@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -166,7 +167,9 @@ def test_peek_does_not_lock(client: ServiceBusClient) -> None:
         assert bodies(received) == ["p1", "p2"]
 
 
-def test_empty_queue_accept_times_out(client: ServiceBusClient) -> None:
+def test_empty_queue_accept_times_out(
+    client: ServiceBusClient, caplog: pytest.LogCaptureFixture
+) -> None:
     started = time.monotonic()
     with pytest.raises(OperationTimeoutError):
         with client.get_queue_receiver(
@@ -174,6 +177,8 @@ def test_empty_queue_accept_times_out(client: ServiceBusClient) -> None:
         ) as receiver:
             receiver.receive_messages(max_wait_time=1)
     assert time.monotonic() - started < 2 * 1 + 1.5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
 
 
 def test_waiting_accept_is_woken_by_send(

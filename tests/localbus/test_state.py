@@ -228,7 +228,26 @@ def test_scheduled_message_appears_when_due(clock: Clock) -> None:
     assert state.stores[QUEUE].messages == {}
     clock.advance(5)
     state.fire_deadlines()
-    assert number in state.stores[QUEUE].messages
+    (enqueued,) = state.stores[QUEUE].messages.values()
+    assert enqueued.payload == message("later").payload
+    assert enqueued.enqueued_at_ms == due_ms
+
+
+def test_scheduled_message_gets_new_sequence_number(clock: Clock) -> None:
+    state = make_state(clock)
+    due_ms = int((clock.now + 5) * 1000)
+    (scheduled,) = state.send(QUEUE, [message("later", scheduled_at_ms=due_ms)])
+    (sent,) = state.send(QUEUE, [message("now")])
+    clock.advance(5)
+    state.fire_deadlines()
+    numbers = sorted(state.stores[QUEUE].messages)
+    assert scheduled not in numbers
+    assert numbers[0] == sent
+    assert numbers[1] > sent
+    assert accept(state, 1, "s1") == "s1"
+    first = state.receive(1)
+    assert first is not None
+    assert first.payload == message("now").payload
 
 
 def test_cancelled_schedule_never_appears(clock: Clock) -> None:
@@ -314,3 +333,29 @@ def test_dead_letter_inside_dead_letter_queue_keeps_message(clock: Clock) -> Non
     assert again is not None
     assert again.dead_letter_reason == "Second"
     assert again.dead_letter_source == "plain"
+
+
+def test_expire_session_locks_now(clock: Clock) -> None:
+    state = make_state(clock)
+    state.send(QUEUE, [message("a"), message("b", session_id="s2")])
+    assert accept(state, 1, "s1") == "s1"
+    assert accept(state, 2, "s2") == "s2"
+    delivery = state.receive(1)
+    assert delivery is not None
+    state.drain_events()
+    assert state.expire_session_locks(QUEUE, "s1") == ["s1"]
+    assert SessionLost(1, "s1") in state.drain_events()
+    assert state.stores[QUEUE].sessions["s2"].holder == 2
+    assert accept(state, 3, "s1") == "s1"
+    again = state.receive(3)
+    assert again is not None
+    assert again.delivery_count == 1
+
+
+def test_expire_session_locks_filters_entity(clock: Clock) -> None:
+    state = make_state(clock)
+    state.send(QUEUE, [message("a")])
+    accept(state, 1, "s1")
+    assert state.expire_session_locks("plain") == []
+    assert state.expire_session_locks("ORDERS") == ["s1"]
+    assert state.expire_session_locks() == []
