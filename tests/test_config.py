@@ -1,4 +1,4 @@
-"""Settings: YAML per env, environment overrides, validation messages without secrets."""
+"""Settings: YAML per env, environment overrides, messages without secrets."""
 
 from __future__ import annotations
 
