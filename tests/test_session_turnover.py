@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -113,9 +115,10 @@ async def test_supply_keeps_standby_sessions_while_workers_hold_theirs() -> None
             await receiver.close()
 
 
-async def test_idle_session_is_released_for_an_order_that_arrives_later() -> None:
-    broker = MemoryBroker(ENTITY)
-    await _send(broker, "order-first")
+@asynccontextmanager
+async def _one_worker_app(transport: MemoryTransport) -> AsyncIterator[list[str]]:
+    """Run an app with one worker and a long idle timeout, and yield the order ids of
+    the events it handles, in handling order."""
     handled: list[str] = []
 
     async def record(event: Any, ctx: Any) -> None:
@@ -126,17 +129,24 @@ async def test_idle_session_is_released_for_an_order_that_arrives_later() -> Non
         standby_sessions=1,
         session_idle_timeout_s=LONG_IDLE_S,
     )
-    app = ConsumerApp(settings, transport=MemoryTransport(broker))
+    app = ConsumerApp(settings, transport=transport)
     app.router.add_handler("ORDER_UPDATED", record)
     run = asyncio.create_task(app.run())
     try:
+        yield handled
+    finally:
+        app.stop()
+        await asyncio.wait_for(run, timeout=30)
+
+
+async def test_idle_session_is_released_for_an_order_that_arrives_later() -> None:
+    broker = MemoryBroker(ENTITY)
+    await _send(broker, "order-first")
+    async with _one_worker_app(MemoryTransport(broker)) as handled:
         await _wait_until(lambda: handled == ["order-first"])
         # The only worker now waits on an empty session with a long idle timeout.
         await _send(broker, "order-second")
         await _wait_until(lambda: "order-second" in handled)
-    finally:
-        app.stop()
-        await asyncio.wait_for(run, timeout=30)
     assert handled == ["order-first", "order-second"]
 
 
@@ -145,25 +155,9 @@ async def test_worker_peeks_once_per_batch_of_queued_messages() -> None:
     messages = PEEK_AHEAD + 8
     await _send(broker, "order-long", messages)
     await _send(broker, "order-waiting")
-    handled: list[str] = []
-
-    async def record(event: Any, ctx: Any) -> None:
-        handled.append(ctx.order_id)
-
-    settings = _settings(
-        max_concurrent_sessions=1,
-        standby_sessions=1,
-        session_idle_timeout_s=LONG_IDLE_S,
-    )
     transport = CountingTransport(broker)
-    app = ConsumerApp(settings, transport=transport)
-    app.router.add_handler("ORDER_UPDATED", record)
-    run = asyncio.create_task(app.run())
-    try:
+    async with _one_worker_app(transport) as handled:
         await _wait_until(lambda: len(handled) == messages + 1)
-    finally:
-        app.stop()
-        await asyncio.wait_for(run, timeout=30)
     # The long order runs first and whole, because its session has messages left.
     assert handled[:messages] == ["order-long"] * messages
     # One peek per PEEK_AHEAD messages plus the one that finds the session empty,
