@@ -26,7 +26,7 @@ log = structlog.get_logger("orders_consumer.supply")
 # Accept failures back off from this to the cap, so a broker outage costs no CPU.
 RECONNECT_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 10.0
-# While stopping, how often acceptors that are not accepting are looked for.
+# While stopping, how often acceptors with no accept in flight are cancelled.
 STOP_POLL_INTERVAL_S = 0.05
 # Shortest wait between two renewals of a waiting session's lock.
 STANDBY_RENEW_MIN_S = 0.2
@@ -164,7 +164,7 @@ class SessionSupply:
             )
 
     async def _let_accepts_end(self, deadline: float) -> set[asyncio.Task[None]]:
-        """Wait for the acceptors until `deadline`; return those still running.
+        """Wait for the acceptors until `deadline` and return those still running.
 
         An acceptor waiting for budget, or backing off after a failed accept, is
         cancelled, because only an accept in flight can leave a socket behind.
