@@ -151,7 +151,7 @@ class SessionProcessor:
             closes_end_at = grace_ends_at + SESSION_CLOSE_MARGIN_S
             # The standby sessions close while the workers finish their messages.
             await asyncio.gather(
-                self._supply.stop(closes_end_at),
+                self._supply.stop(grace_ends_at, closes_end_at),
                 self._drain(workers, grace_ends_at, closes_end_at),
             )
         if self._fatal is not None:

@@ -26,6 +26,8 @@ log = structlog.get_logger("orders_consumer.supply")
 # Accept failures back off from this to the cap, so a broker outage costs no CPU.
 RECONNECT_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 10.0
+# While stopping, how often acceptors with no accept in flight are cancelled.
+STOP_POLL_INTERVAL_S = 0.05
 # Shortest wait between two renewals of a waiting session's lock.
 STANDBY_RENEW_MIN_S = 0.2
 # Accepts kept in flight while the entity has no session to offer.
@@ -169,25 +171,28 @@ class SessionSupply:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def stop(self, closes_end_at: float) -> None:
+    async def stop(self, grace_ends_at: float, closes_end_at: float) -> None:
         """Stop accepting and close every accepted session no worker took.
 
-        Accepts in flight are cancelled, because a session they lock now would only
-        be closed again, and waiting for them could take `accept_timeout_s`. A
-        cancelled accept closes the link it opened (see `Transport.accept_session`).
-        The accepts and the closes get until `closes_end_at`, a `time.monotonic()`
-        value. What is still running then is left in the background, and the broker
-        releases those sessions when the connection closes.
+        Accepts in flight may go on until `grace_ends_at`. Each ends within
+        `accept_timeout_s`, and a session it locked is closed here. They are not
+        cancelled at once, because azure-servicebus 7.15.0 leaves the socket of an
+        accept cancelled while connecting open until garbage collection. Accepts
+        still running at `grace_ends_at` are cancelled, which releases what they
+        locked (see `Transport.accept_session`). Those cancels and the closes get
+        until `closes_end_at`. Both times are `time.monotonic()` values. What still
+        runs then is left, and the broker releases its sessions when the
+        connection closes.
         """
         self._stopped = True
-        for task in self._acceptors:
-            task.cancel()
         closes = self._close_waiting()
-        accepts: set[asyncio.Task[None]] = set()
-        if self._acceptors:
+        accepts = await self._let_accepts_end(grace_ends_at)
+        for task in accepts:
+            task.cancel()
+        if accepts:
             timeout_s = max(0.0, closes_end_at - time.monotonic())
-            _, accepts = await asyncio.wait(self._acceptors, timeout=timeout_s)
-        # An accept that ignored its cancel may have queued a session meanwhile.
+            _, accepts = await asyncio.wait(accepts, timeout=timeout_s)
+        # Sessions that the accepts in flight locked after the first sweep.
         closes |= self._close_waiting()
         if closes:
             timeout_s = max(0.0, closes_end_at - time.monotonic())
@@ -198,6 +203,24 @@ class SessionSupply:
                 accepts=len(accepts),
                 session_closes=len(closes),
             )
+
+    async def _let_accepts_end(self, deadline: float) -> set[asyncio.Task[None]]:
+        """Wait for the acceptors until `deadline` and return those still running.
+
+        An acceptor waiting for budget, or backing off after a failed accept, is
+        cancelled, because only an accept in flight can leave a socket behind.
+        """
+        running = set(self._acceptors)
+        while running:
+            for task in running:
+                if task not in self._accepting:
+                    task.cancel()
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            timeout_s = min(remaining_s, STOP_POLL_INTERVAL_S)
+            _, running = await asyncio.wait(running, timeout=timeout_s)
+        return running
 
     def _close_waiting(self) -> set[asyncio.Task[None]]:
         """Start closing every session in the queue, each in a task of its own."""
