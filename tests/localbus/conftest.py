@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if folder in Path(str(item.fspath)).parents:
             item.add_marker(SDK_SOCKET_LEAK)
+
+
+@pytest.fixture(autouse=True)
+def collect_leaked_sockets() -> Iterator[None]:
+    """Collect the sockets the SDK leaked while this folder's filter applies.
+
+    Otherwise the garbage collector may close them during a test of another folder
+    on the same worker, where the ResourceWarning fails that test.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture
