@@ -110,7 +110,7 @@ async def test_supply_keeps_standby_sessions_while_workers_hold_theirs() -> None
             session_id for session_id, s in broker.sessions.items() if s.locked
         }
     finally:
-        await supply.stop(time.monotonic() + 5)
+        await supply.stop(time.monotonic() + 1, time.monotonic() + 5)
         for receiver in held:
             await receiver.close()
 
@@ -208,4 +208,4 @@ async def test_empty_entity_keeps_two_accepts_in_flight() -> None:
         assert taken.session_id == "order-late"
         await taken.close()
     finally:
-        await supply.stop(time.monotonic() + 5)
+        await supply.stop(time.monotonic() + 1, time.monotonic() + 5)
