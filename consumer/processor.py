@@ -39,9 +39,10 @@ Pipeline = Callable[[InboundMessage, asyncio.Event], Awaitable[Settlement]]
 UNPARK_KEY = "unpark"
 # Messages one peek looks ahead when deciding whether a session is empty.
 PEEK_AHEAD = 32
-# Longest receive on a session that has handled a message, between two checks for a
-# waiting session. An empty receive with azure-servicebus 7.15.0 takes at least about
-# 0.2 s whatever its max_wait_time, so a shorter slice would not return sooner.
+# Maximum wait of one receive on a session that has handled a message, between two
+# checks for a waiting session. An empty receive with azure-servicebus 7.15.0 takes
+# at least about 0.2 s whatever its max_wait_time, so a shorter slice would not
+# return sooner.
 YIELD_CHECK_INTERVAL_S = 0.25
 
 # On stop, workers get `shutdown_grace_s` to finish the message in flight. The abandons
@@ -345,8 +346,8 @@ class SessionProcessor:
         The idle timeout keeps a session for messages still to come. When another
         session is accepted and waiting, holding an empty one only delays it, so the
         worker releases the session at once. A later message makes it available again.
-        One peek of up to `PEEK_AHEAD` messages tells how far the queue is known to
-        go, so the worker peeks again only after handling those.
+        One peek of up to `PEEK_AHEAD` messages returns how far the queue is known
+        to go, so the worker peeks again only after handling those.
         """
         if not self._supply.has_waiting():
             return False

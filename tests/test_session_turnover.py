@@ -1,6 +1,6 @@
 """Session turnover on the in-memory transport: the standby supply and early release.
 
-These tests check what happens, not how fast: a session that a worker holds while it
+These tests check what happens, not how fast: a session that a worker keeps while it
 waits out its idle timeout must not stop the supply from accepting the next one, and
 the worker must hand its empty session over to a waiting order well before the idle
 timeout ends.
@@ -139,7 +139,7 @@ async def _one_worker_app(transport: MemoryTransport) -> AsyncIterator[list[str]
         await asyncio.wait_for(run, timeout=30)
 
 
-async def test_idle_session_is_released_for_an_order_that_arrives_later() -> None:
+async def test_idle_session_released_for_later_order() -> None:
     broker = MemoryBroker(ENTITY)
     await _send(broker, "order-first")
     async with _one_worker_app(MemoryTransport(broker)) as handled:

@@ -159,7 +159,7 @@ class SessionSupply:
         if self._outstanding >= self._standby + self._takers:
             return False
         # While accepts find no session, a few keep asking and the rest wait for
-        # one to succeed. Every accept in flight on an empty entity holds an open
+        # one to succeed. Every accept in flight on an empty entity keeps an open
         # connection and reopens it each accept_timeout_s, costing CPU for nothing.
         return self.empty_since is None or len(self._accepting) < EMPTY_ENTITY_PROBES
 
