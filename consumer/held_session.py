@@ -133,8 +133,8 @@ class HeldSession:
     lock_lost: asyncio.Event = field(default_factory=CallbackEvent)
     checkpoint: SessionCheckpoint = field(default_factory=SessionCheckpoint)
     message_started_at: float | None = None
-    # Highest sequence number a peek found queued in this session, so the worker
-    # knows more messages follow without asking the broker again.
+    # Highest sequence number a peek found queued in this session. Until the worker
+    # has handled it, more messages follow without asking the broker again.
     queued_through: int = 0
 
     @property

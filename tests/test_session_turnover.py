@@ -1,8 +1,8 @@
 """Session turnover on the in-memory transport: the standby supply and early release.
 
-These tests check what happens, not how fast: a session that a worker keeps while it
-waits out its idle timeout must not stop the supply from accepting the next one, and
-the worker must hand its empty session over to a waiting order well before the idle
+These tests check what happens, not how fast. A session that a worker keeps while it
+waits out its idle timeout must not stop the supply from accepting the next one. The
+worker must hand its empty session over to a waiting order well before the idle
 timeout ends.
 """
 
