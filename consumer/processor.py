@@ -243,6 +243,7 @@ class SessionProcessor:
         self._held += 1
         self._metrics.sessions_held.labels(self._entity).inc()
         log.debug("session_accepted", order_id=held.session_id)
+        released = asyncio.Event()
         renewer = asyncio.create_task(
             renew_session_lock(
                 held.receiver,
@@ -253,6 +254,7 @@ class SessionProcessor:
                 ).inc,
                 on_failed=lambda error: self._on_renewal_failed(held, error),
                 lock_lost=held.lock_lost,
+                released=released,
             )
         )
         try:
@@ -268,6 +270,7 @@ class SessionProcessor:
         except Exception:  # noqa: BLE001 - one session's bug must not stop the slot
             log.exception("session_worker_crashed", order_id=held.session_id)
         finally:
+            released.set()
             renewer.cancel()
             self._held -= 1
             self._last_activity = time.monotonic()

@@ -391,6 +391,7 @@ class BrokerHandler(ReceiveLinks, Handler):
         for event in self.state.drain_events():
             link = self._receive_links.get(event.receiver_id)
             if link is None:
+                log.debug("event_dropped reason=receive link gone event=%s", event)
                 continue
             if isinstance(event, SessionGranted):
                 timer = getattr(link, "localbus_accept_timer", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from localbus.errors import SESSION_CANNOT_BE_LOCKED, SESSION_LOCK_LOST, BrokerError
@@ -14,6 +15,8 @@ from localbus.records import (
     Receiver,
     SessionGranted,
 )
+
+log = logging.getLogger("localbus")
 
 
 class SessionLocking:
@@ -82,6 +85,12 @@ class SessionLocking:
         store.ready_sessions.pop(session.session_id, None)
         self._add_deadline(until, "session", store.name, session.session_id)
         self._events.append(MessagesReady(receiver.receiver_id))
+        log.debug(
+            "session_locked store=%s session=%s receiver=%s",
+            store.name,
+            session.session_id,
+            receiver.receiver_id,
+        )
         return until
 
     def _grant_waiting(self, store: MessageStore) -> None:
@@ -101,6 +110,13 @@ class SessionLocking:
             self._events.append(SessionGranted(receiver_id, session_id, until))
 
     def _release_session(self, store: MessageStore, session: Session) -> None:
+        log.debug(
+            "session_unlocked store=%s session=%s receiver=%s returned=%s",
+            store.name,
+            session.session_id,
+            session.holder,
+            len(session.locked),
+        )
         session.holder = None
         session.locked_until_ms = 0
         for number in sorted(session.locked):
@@ -133,6 +149,12 @@ class SessionLocking:
         """Extend a held session lock by the lock duration; return the new expiry."""
         store, session = self.held_session(path, session_id)
         until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
+        log.debug(
+            "session_renewed store=%s session=%s receiver=%s",
+            store.name,
+            session_id,
+            session.holder,
+        )
         session.locked_until_ms = until
         for number in session.locked:
             message = store.messages.get(number)

@@ -31,8 +31,14 @@ async def renew_session_lock(
     on_renewed: Callable[[], None],
     on_failed: Callable[[Exception], None],
     lock_lost: asyncio.Event,
+    released: asyncio.Event,
 ) -> None:
-    """Renew the lock of `receiver` until cancelled or until `lock_lost` is set.
+    """Renew the lock of `receiver` until `lock_lost` or `released` is set.
+
+    The worker sets `released` and also cancels this task when it lets the session
+    go. The flag is needed because azure-servicebus 7.15.0 awaits
+    `asyncio.wait_for`, which in Python 3.11 drops a cancellation that arrives just
+    as the awaited call ends. This loop would then go on renewing.
 
     `busy_since()` returns the `time.monotonic()` at which the current message started,
     or None between messages. Renewal stops once one message has run longer than
@@ -42,8 +48,10 @@ async def renew_session_lock(
     """
     if max_lock_renewal_s <= 0:
         return
-    while not lock_lost.is_set():
+    while not lock_lost.is_set() and not released.is_set():
         await asyncio.sleep(_renew_delay_s(receiver))
+        if released.is_set():
+            return
         started = busy_since()
         if started is not None and time.monotonic() - started > max_lock_renewal_s:
             log.warning("lock_renewal_limit_reached", limit_s=max_lock_renewal_s)

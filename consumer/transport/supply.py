@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +39,17 @@ TAKE_RENEW_BELOW_S = 5.0
 TAKE_RENEW_BELOW = timedelta(seconds=TAKE_RENEW_BELOW_S)
 # Repeated connection errors are logged once per this interval, with a count.
 ERROR_LOG_INTERVAL_S = 30.0
+# How long a worker that takes a session waits for the session's keeper to end. A
+# keeper still inside a renewal may finish that renewal later, but renews no more.
+KEEPER_STOP_WAIT_S = 1.0
+
+
+@dataclass
+class _Keeper:
+    """The renewal task of a waiting session and the flag that ends it."""
+
+    task: asyncio.Task[None]
+    stop: asyncio.Event
 
 
 class SessionSupply:
@@ -73,7 +85,7 @@ class SessionSupply:
         self._changed = asyncio.Event()
         self._ready: asyncio.Queue[SessionReceiver] = asyncio.Queue()
         # Renewal tasks of the sessions waiting in `_ready`, so no standby lock lapses.
-        self._keepers: dict[int, asyncio.Task[None]] = {}
+        self._keepers: dict[int, _Keeper] = {}
         self._acceptors: list[asyncio.Task[None]] = []
         self._accepting: set[asyncio.Task[Any] | None] = set()
         self._stopped = False
@@ -237,14 +249,25 @@ class SessionSupply:
         await self._stop_keeping(receiver)
         await self._close_quietly(receiver)
 
-    async def _keep_locked(self, receiver: SessionReceiver) -> None:
-        """Renew a waiting session's lock at half its remaining time until taken."""
-        while True:
+    async def _keep_locked(
+        self, receiver: SessionReceiver, stop: asyncio.Event
+    ) -> None:
+        """Renew a waiting session's lock at half its remaining time until taken.
+
+        The loop ends when `stop` is set, because a cancel alone can be lost.
+        azure-servicebus 7.15.0 awaits `asyncio.wait_for`, which in Python 3.11
+        returns the result and drops a cancellation that arrives just as the awaited
+        call ends. A keeper that missed its cancel renewed a session that no worker
+        held until the process stopped.
+        """
+        while not stop.is_set():
             locked_until = receiver.locked_until
             if locked_until is None:
                 return
             remaining_s = (locked_until - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(max(remaining_s / 2, STANDBY_RENEW_MIN_S))
+            if stop.is_set():
+                return
             try:
                 await receiver.renew_lock()
             except TransportError as error:
@@ -256,11 +279,12 @@ class SessionSupply:
                 return
 
     async def _stop_keeping(self, receiver: SessionReceiver) -> None:
-        task = self._keepers.pop(id(receiver), None)
-        if task is None:
+        keeper = self._keepers.pop(id(receiver), None)
+        if keeper is None:
             return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        keeper.stop.set()
+        keeper.task.cancel()
+        await asyncio.wait({keeper.task}, timeout=KEEPER_STOP_WAIT_S)
 
     async def _accept_loop(self) -> None:
         backoff_s = RECONNECT_BACKOFF_S
@@ -293,9 +317,11 @@ class SessionSupply:
                 self.empty_since = None
                 self._notify()
             self._metrics.sessions_accepted.labels(self._transport.entity).inc()
-            self._keepers[id(receiver)] = asyncio.create_task(
-                self._keep_locked(receiver), name=f"standby-{receiver.session_id}"
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                self._keep_locked(receiver, stop), name=f"standby-{receiver.session_id}"
             )
+            self._keepers[id(receiver)] = _Keeper(task, stop)
             self._ready.put_nowait(receiver)
 
     def _on_connected(self) -> None:

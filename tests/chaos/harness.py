@@ -124,6 +124,9 @@ class ChaosRun:
             str(self.options.lock_duration_s),
             "--max-delivery-count",
             str(MAX_DELIVERY_COUNT),
+            # Session locks, unlocks and renewals, to explain a failed run.
+            "--log-level",
+            "debug",
         ]
         if data_dir is not None:
             arguments += ["--data-dir", str(data_dir)]
