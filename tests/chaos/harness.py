@@ -374,6 +374,7 @@ class ChaosRun:
             dead_letters,
             sessions,
             self.faults,
+            checkpoint=self.plan.checkpoint,
         )
 
 

@@ -80,9 +80,13 @@ def verdict_of(
     sessions: tuple[FinalSession, ...] = (),
     faults: tuple[InjectedFault, ...] = (),
     published: int = 3,
+    checkpoint: bool = False,
 ) -> list[str]:
     messages = [message(index) for index in range(published)]
-    return judge(messages, frozenset(), journal, dead, sessions, faults).violations
+    verdict = judge(
+        messages, frozenset(), journal, dead, sessions, faults, checkpoint=checkpoint
+    )
+    return verdict.violations
 
 
 def test_oracle_accepts_ordered_run() -> None:
@@ -146,6 +150,35 @@ def test_oracle_reports_unexplained_duplicate() -> None:
     violations = verdict_of(journal)
     assert len(violations) == 1
     assert "handled again" in violations[0]
+
+
+def test_oracle_checkpoint_explains_early_fault() -> None:
+    journal = [
+        handled(0, 1.0),
+        handled(0, 5.0, pid=2),
+        handled(1, 6.0),
+        handled(2, 7.0),
+    ]
+    # The connection was cut while the first handling ran, so the checkpoint write
+    # after it failed too.
+    cut = InjectedFault(at=0.95, kind="cut_connections", detail="3 connections")
+    assert verdict_of(journal, faults=(cut,), checkpoint=True) == []
+
+
+def test_oracle_checkpoint_rejects_late_fault() -> None:
+    journal = [
+        handled(0, 1.0),
+        handled(0, 5.0, pid=2),
+        handled(1, 6.0),
+        handled(2, 7.0),
+    ]
+    # A kill 2.5 s after the handling came after its checkpoint, so the redelivered
+    # message should have been skipped. Without the checkpoint the kill explains it.
+    kill = InjectedFault(at=3.5, kind="kill_consumer", detail="slot 0")
+    violations = verdict_of(journal, faults=(kill,), checkpoint=True)
+    assert len(violations) == 1
+    assert "before its checkpoint" in violations[0]
+    assert verdict_of(journal, faults=(kill,), checkpoint=False) == []
 
 
 def test_oracle_reports_dead_letter_without_reason() -> None:
