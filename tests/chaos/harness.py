@@ -180,11 +180,20 @@ class ChaosRun:
 
     # Faults --------------------------------------------------------------------------
 
-    def record(self, kind: str, detail: str, began_at: float | None = None) -> None:
-        """Record a fault that began at `began_at` (default now) and is over now."""
+    def record(
+        self,
+        kind: str,
+        detail: str,
+        began_at: float | None = None,
+        pid: int | None = None,
+    ) -> None:
+        """Record a fault that began at `began_at` (default now) and is over now.
+
+        `pid` names the consumer process the fault hit, None when it hit them all.
+        """
         now = time.time()
         at = now if began_at is None else began_at
-        fault = InjectedFault(at=at, kind=kind, detail=detail, until=now)
+        fault = InjectedFault(at=at, kind=kind, detail=detail, until=now, pid=pid)
         self.faults.append(fault)
         self.log(
             f"{at - self.started_at:7.1f}s {kind}: {detail} "
@@ -238,12 +247,12 @@ class ChaosRun:
         pid = slot.process.pid if slot.process is not None else 0
         if fault.kind is FaultKind.KILL_CONSUMER:
             slot.kill()
-            self.record(fault.kind, f"slot {slot.slot} pid {pid}")
+            self.record(fault.kind, f"slot {slot.slot} pid {pid}", pid=pid)
         else:
             # The fault lasts from the signal until the process is gone.
             began_at = time.time()
             code = await asyncio.to_thread(slot.terminate)
-            self.record(fault.kind, f"slot {slot.slot} pid {pid}", began_at)
+            self.record(fault.kind, f"slot {slot.slot} pid {pid}", began_at, pid)
             if code != 0:
                 self.notes.append(f"pid {pid} exited with {code} after SIGTERM")
         await asyncio.sleep(fault.restart_after_s)
@@ -276,7 +285,12 @@ class ChaosRun:
                 if slot.running or slot.slot in self.restarting:
                     continue
                 code = slot.exit_code()
-                self.record("consumer_exited", f"slot {slot.slot} exit status {code}")
+                pid = slot.process.pid if slot.process is not None else None
+                self.record(
+                    "consumer_exited",
+                    f"slot {slot.slot} pid {pid} exit status {code}",
+                    pid=pid,
+                )
                 slot.start()
 
     # Publishing ----------------------------------------------------------------------

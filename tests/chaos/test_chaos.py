@@ -140,6 +140,21 @@ def test_oracle_explains_duplicate_by_fault() -> None:
     assert verdict_of(journal, faults=(kill,)) == []
 
 
+def test_oracle_kill_explains_own_handlings() -> None:
+    journal = [
+        handled(0, 1.0, pid=7),
+        handled(0, 5.0, pid=8),
+        handled(1, 6.0),
+        handled(2, 7.0),
+    ]
+    kill_other = InjectedFault(at=1.5, kind="kill_consumer", detail="pid 9", pid=9)
+    violations = verdict_of(journal, faults=(kill_other,))
+    assert len(violations) == 1
+    assert "handled again" in violations[0]
+    kill_first = InjectedFault(at=1.5, kind="kill_consumer", detail="pid 7", pid=7)
+    assert verdict_of(journal, faults=(kill_first,)) == []
+
+
 def test_oracle_reports_unexplained_duplicate() -> None:
     journal = [
         handled(0, 1.0),
