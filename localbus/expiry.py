@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import TYPE_CHECKING
 
 from localbus.deadlines import DeadlineQueue
@@ -22,6 +23,8 @@ from localbus.records import Event, Receiver, SessionLost
 if TYPE_CHECKING:
     from localbus.journal import Journal
     from localbus.routing import SendTarget
+
+log = logging.getLogger("localbus")
 
 
 class DeadlineHandling:
@@ -72,21 +75,31 @@ class DeadlineHandling:
             if store is None:
                 continue
             if kind == "session":
-                self._expire_session(store, str(key), now)
+                if self._expire_session(store, str(key), now):
+                    # No renewal came in time. The chaos harness reads these lines
+                    # to tell such expiries from the ones it injects.
+                    log.info(
+                        "session_lock_expired store=%s session=%s at_ms=%s",
+                        store.name,
+                        key,
+                        now,
+                    )
             elif kind == "message":
                 self._expire_message_lock(store, key, now)
             else:
                 self._expire_ttl_deadline(store, key, now)
 
-    def _expire_session(self, store: MessageStore, session_id: str, now: int) -> None:
+    def _expire_session(self, store: MessageStore, session_id: str, now: int) -> bool:
+        """Release the session if its lock is due; return whether it was."""
         session = store.sessions.get(session_id)
         if session is None or session.holder is None or session.locked_until_ms > now:
-            return
+            return False
         receiver = self._receivers.get(session.holder)
         if receiver is not None:
             receiver.lost = True
             self._events.append(SessionLost(receiver.receiver_id, session_id))
         self._release_session(store, session)
+        return True
 
     def _expire_ttl_deadline(self, store: MessageStore, key: object, now: int) -> None:
         message = store.messages.get(key)  # type: ignore[call-overload]

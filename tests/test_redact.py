@@ -26,4 +26,6 @@ def test_redact_removes_key(text: str) -> None:
 def test_redact_keeps_other_text() -> None:
     text = f"Endpoint=sb://h/;SharedAccessKeyName=root;SharedAccessKey={KEY}"
 
-    assert redact(text) == "Endpoint=sb://h/;SharedAccessKeyName=root;SharedAccessKey=***"
+    assert (
+        redact(text) == "Endpoint=sb://h/;SharedAccessKeyName=root;SharedAccessKey=***"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -42,6 +43,10 @@ PUBLISH_WINDOW = 0.6
 # A chunk that cannot be sent for this long is given up and reported as unsent.
 PUBLISH_GIVE_UP_S = 60.0
 MONITOR_INTERVAL_S = 0.5
+# The broker's line for a session lock that expired because no renewal came in time.
+LOCK_EXPIRED_LINE = re.compile(
+    r"session_lock_expired store=\S+ session=(\S+) at_ms=(\d+)"
+)
 
 
 @dataclass(frozen=True)
@@ -373,6 +378,26 @@ class ChaosRun:
             await asyncio.sleep(1.0)
         self.notes.append(f"drain did not finish in {self.options.max_drain_s}s")
 
+    def record_lock_expiries(self) -> None:
+        """Record the session locks the broker expired by itself, from its logs.
+
+        Each one is a fault of its own order: the consumer that held the lock did
+        not renew it in time, which happens when the machine is overloaded.
+        """
+        for log_path in sorted((self.options.work_dir / "logs").glob("broker-*.log")):
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+            for order_id, at_ms in LOCK_EXPIRED_LINE.findall(text):
+                at = int(at_ms) / 1000
+                self.faults.append(
+                    InjectedFault(
+                        at=at,
+                        kind="lock_expired",
+                        detail=f"order {order_id}",
+                        until=at,
+                        order_id=order_id,
+                    )
+                )
+
     async def judge(self) -> Verdict:
         assert self.broker is not None
         connection_string = self.broker.connection_string
@@ -427,6 +452,7 @@ async def run_chaos(
             for slot, code in exits.items()
             if code != 0
         )
+        run.record_lock_expiries()
         verdict = await run.judge()
     return ChaosReport(
         seed=options.seed,

@@ -12,10 +12,11 @@ Rules, per published message id:
    going on between the start of the first handling and the second one. The fault must
    be of a kind that can fall between handler and settlement: a killed or stopped
    consumer, a cut connection, an expired session lock or a broker restart. A killed,
-   stopped or exited consumer explains only the handlings of that process. With the
-   checkpoint on, the fault must also have begun before the checkpoint of the first
-   handling could be written, at most `CHECKPOINT_WRITE_MARGIN_S` after it ended. A
-   later fault finds the checkpoint, and the redelivered message is skipped.
+   stopped or exited consumer explains only the handlings of that process, and a
+   session lock that the broker expired by itself only those of its own order. With
+   the checkpoint on, an injected fault must also have begun before the checkpoint of
+   the first handling could be written, at most `CHECKPOINT_WRITE_MARGIN_S` after it
+   ended. A later fault finds the checkpoint, and the redelivered message is skipped.
 4. A second copy (new sequence number) needs a publish retry of that message.
 5. No message stays active in the queue, and no deferred message stays in an order
    that is not parked, where nothing would fetch it again.
@@ -48,8 +49,12 @@ DISRUPTING_KINDS = frozenset(
         "broker_cut_connections",
         "expire_session_locks",
         "consumer_exited",
+        "lock_expired",
     }
 )
+# Faults the harness records as it sees them but does not inject: a consumer that
+# ended by itself, and a session lock the broker expired because no renewal came.
+OBSERVED_KINDS = frozenset({"consumer_exited", "lock_expired"})
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class InjectedFault:
     `at` is when the fault began (the signal or the cut) and `until` when it was
     over: the broker listening again, or the stopped consumer gone. `pid` is the
     consumer process that a kill, a stop or an exit hit, and None for faults of the
-    broker or the network, which hit every consumer.
+    broker or the network, which hit every consumer. `order_id` is the one order
+    whose session lock the broker expired, and None for every other fault.
     """
 
     at: float
@@ -88,6 +94,7 @@ class InjectedFault:
     detail: str
     until: float = 0.0
     pid: int | None = None
+    order_id: str | None = None
 
     @property
     def ended_at(self) -> float:
@@ -258,12 +265,18 @@ def _duplicate_cause(
     if later.sequence_number != earlier.sequence_number:
         return "publish_retry" if earlier.message_id in resent else None
     began_at = earlier.started_at - RECEIVE_MARGIN_S
-    latest_start = later.at
-    if checkpoint:
-        latest_start = min(latest_start, earlier.at + CHECKPOINT_WRITE_MARGIN_S)
+    checkpointed_by = earlier.at + CHECKPOINT_WRITE_MARGIN_S
     for fault in faults:
         if fault.pid is not None and fault.pid != earlier.pid:
             continue
+        if fault.order_id is not None and fault.order_id != earlier.order_id:
+            continue
+        latest_start = later.at
+        # The broker timed this expiry itself and applies the checkpoint write and the
+        # expiry one after the other. The message came back, so the expiry came
+        # first, however slow the write was.
+        if checkpoint and fault.kind != "lock_expired":
+            latest_start = min(latest_start, checkpointed_by)
         overlaps = fault.at <= latest_start and fault.ended_at >= began_at
         if fault.kind in DISRUPTING_KINDS and overlaps:
             return fault.kind

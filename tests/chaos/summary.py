@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.chaos.harness import ChaosReport
+from tests.chaos.oracle import OBSERVED_KINDS
 
 MAX_LISTED_VIOLATIONS = 20
 
@@ -10,6 +11,16 @@ MAX_LISTED_VIOLATIONS = 20
 def render(report: ChaosReport) -> str:
     """Return the summary: counts, dead letters, faults by kind and violations."""
     counts = report.verdict.counts
+    injected = {
+        kind: count
+        for kind, count in report.faults_by_kind.items()
+        if kind not in OBSERVED_KINDS
+    }
+    observed = {
+        kind: count
+        for kind, count in report.faults_by_kind.items()
+        if kind in OBSERVED_KINDS
+    }
     lines = [
         f"seed {report.seed}, checkpoint {'on' if report.checkpoint else 'off'}, "
         f"broker with --data-dir: {'yes' if report.broker_durable else 'no'}, "
@@ -23,8 +34,8 @@ def render(report: ChaosReport) -> str:
         f"dead-lettered: {counts.get('dead_lettered', 0)}"
         + _listing(report.verdict.dead_lettered_by_reason),
         f"deferred in parked orders: {counts.get('parked_messages', 0)}",
-        f"faults injected: {sum(report.faults_by_kind.values())}"
-        + _listing(report.faults_by_kind),
+        f"faults injected: {sum(injected.values())}" + _listing(injected),
+        f"faults observed, not injected: {sum(observed.values())}" + _listing(observed),
         f"violations: {len(report.verdict.violations)}",
     ]
     shown = report.verdict.violations[:MAX_LISTED_VIOLATIONS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -153,6 +154,25 @@ def test_session_lock_expiry_returns_messages(clock: Clock) -> None:
     assert again is not None
     assert again.payload == b"a"
     assert again.delivery_count == 1
+
+
+def test_session_lock_expiry_is_logged(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = make_state(clock)
+    state.send(QUEUE, [message("a")])
+    accept(state, 1)
+    clock.advance(10.5)
+    with caplog.at_level(logging.INFO, logger="localbus"):
+        state.fire_deadlines()
+    expected = f"session_lock_expired store={QUEUE} session=s1 at_ms={state.now_ms()}"
+    assert expected in caplog.messages
+    # The admin node's expiry is injected, and it logs a line of its own instead.
+    accept(state, 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="localbus"):
+        assert state.expire_session_locks(QUEUE) == ["s1"]
+    assert not any("session_lock_expired" in text for text in caplog.messages)
 
 
 def test_renewed_session_lock_survives_old_deadline(clock: Clock) -> None:
