@@ -52,7 +52,7 @@ DISRUPTING_KINDS = frozenset(
         "lock_expired",
     }
 )
-# Faults the harness records as it sees them but does not inject: a consumer that
+# Faults the harness records when they happen but does not inject: a consumer that
 # ended by itself, and a session lock the broker expired because no renewal came.
 OBSERVED_KINDS = frozenset({"consumer_exited", "lock_expired"})
 
