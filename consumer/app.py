@@ -29,7 +29,7 @@ from consumer import settlement
 from consumer.config import Settings, load_settings
 from consumer.events import EventRejected, parse_event
 from consumer.http import HealthState
-from consumer.logs import log_exception_text
+from consumer.logs import configure_logging, log_exception_text
 from consumer.metrics import ConsumerMetrics, event_type_label
 from consumer.processor import SESSION_CLOSE_MARGIN_S, SessionProcessor
 from consumer.retry import AttemptFailure, RetryPolicy, is_retryable, run_with_retries
@@ -122,7 +122,14 @@ class ConsumerApp:
         With `until_idle_s`, return once no session has been available for that many
         seconds. After a stop, return within `shutdown_grace_s + SHUTDOWN_MARGIN_S`.
         Raises `BrokerUnavailable` after `max_disconnected_s` without a connection.
+
+        Unless the application configured structlog before, this configures logging
+        from `log_format` and `log_level`, with secrets masked, as the CLI does.
         """
+        if not structlog.is_configured():
+            configure_logging(
+                self.settings.effective_log_format, self.settings.log_level
+            )
         transport = self._transport or self._create_transport()
         self._entity = transport.entity
         self._executor = ThreadPoolExecutor(

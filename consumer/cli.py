@@ -79,8 +79,7 @@ def run(
         store = _install_bundled_handlers(app)
     except ConfigurationError as error:
         raise _fail(str(error), EXIT_CONFIGURATION) from None
-    log_format = settings.log_format or ("console" if env == "dev" else "json")
-    configure_logging(log_format, settings.log_level)
+    configure_logging(settings.effective_log_format, settings.log_level)
     server = OpsServer(
         app.metrics.registry, app.health, settings.metrics_host, settings.metrics_port
     )

@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         return self.entity or f"orders.{self.env}.events"
 
     @property
+    def effective_log_format(self) -> Literal["console", "json"]:
+        """The log format: `log_format`, or console in dev and JSON elsewhere."""
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if self.env == "dev" else "json"
+
+    @property
     def store_file(self) -> Path:
         """Path of the bundled handlers' SQLite store with `{env}` filled in."""
         return Path(self.store_path.format(env=self.env))

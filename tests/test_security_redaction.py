@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -144,3 +148,59 @@ def test_log_exception_text_redacts() -> None:
 
     assert text.startswith("PermissionError: unauthorized:")
     assert FAKE_KEY not in text
+
+
+# An application run as the README shows: no logging set up before `app.run()`.
+APP_SCRIPT = """
+import asyncio
+import json
+import sys
+
+from consumer import ConsumerApp, load_settings
+from consumer.testing import make_event
+from consumer.transport.memory import MemoryBroker, MemoryTransport
+
+NOTE = sys.argv[1]
+
+
+async def main() -> None:
+    broker = MemoryBroker("orders.dev.events")
+    event = make_event("ORDER_CREATED", "ORD-1")
+    await broker.send(
+        json.dumps(event).encode(), session_id="ORD-1", message_id="m1"
+    )
+    app = ConsumerApp(load_settings("dev"), transport=MemoryTransport(broker))
+
+    @app.handler("ORDER_CREATED")
+    async def log_note(event, ctx) -> None:
+        ctx.log.info("handler_note", note=NOTE, password="not-a-real-password")
+
+    await app.run(until_idle_s=0.5)
+
+
+asyncio.run(main())
+"""
+
+
+def test_app_run_configures_masked_logging(tmp_path: Path) -> None:
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("ORDERS_CONSUMER_")
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", APP_SCRIPT, CONNECTION_STRING],
+        cwd=tmp_path,
+        env={**environment, "ORDERS_CONSUMER_METRICS_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "handler_note" in output
+    assert FAKE_KEY not in output
+    assert "not-a-real-password" not in output
+    # The default level is info, so the debug line of each completion is left out.
+    assert "message_completed" not in output
