@@ -136,6 +136,9 @@ class HeldSession:
     # Highest sequence number a peek found queued in this session. Until the worker
     # has handled it, more messages follow without asking the broker again.
     queued_through: int = 0
+    # The checkpoint to settle from while the stored one parks the order at a
+    # message on its last delivery (see `SessionProcessor._guard_last_delivery`).
+    unguarded: SessionCheckpoint | None = None
 
     @property
     def session_id(self) -> str:

@@ -523,7 +523,39 @@ class SessionProcessor:
                     checkpoint.parked.reason, checkpoint.parked.description
                 )
             return settlement.deferred()
+        await self._guard_last_delivery(held, message)
         return await self._pipeline(message, held.lock_lost)
+
+    async def _guard_last_delivery(
+        self, held: HeldSession, message: InboundMessage
+    ) -> None:
+        """Park the order in the session state before a last delivery runs.
+
+        When the last delivery the entity allows does not end, for example because
+        the process died in a handler, the broker dead-letters the message by itself
+        and no consumer learns of it. Without this record, the next consumer of the
+        session would run the order's later messages past the lost one. The state
+        write of the settlement replaces the record when the handlers end.
+        """
+        settings = self._settings
+        if settings.poison_policy != "park" or not settlement.is_last_delivery(
+            message.delivery_count, settings.max_delivery_count
+        ):
+            return
+        record = ParkRecord(
+            message_id=message.message_id,
+            sequence_number=message.sequence_number,
+            reason=settlement.MAX_DELIVERY_COUNT_EXCEEDED,
+            description=(
+                f"delivery {message.delivery_count + 1} of at most "
+                f"{settings.max_delivery_count} did not finish, so the broker "
+                "dead-lettered the message and the order waits for it"
+            ),
+        )
+        held.unguarded = held.checkpoint
+        held.checkpoint = held.checkpoint.park(record)
+        await self._save_checkpoint(held)
+        log.info("last_delivery_guarded", order_id=held.session_id)
 
     async def _record_and_apply(
         self, held: HeldSession, message: InboundMessage, decided: Settlement
@@ -537,12 +569,15 @@ class SessionProcessor:
         vCPUs), probably because the two operations share one connection's reads.
         """
         before = held.checkpoint
-        after = before
+        if held.unguarded is not None:
+            # The stored state parks the order at this message only until it settles.
+            held.checkpoint, held.unguarded = held.unguarded, None
+        after = held.checkpoint
         if decided.outcome in (Outcome.COMPLETED, Outcome.IGNORED):
             if self._settings.checkpoint:
-                after = before.after_handled(message)
+                after = after.after_handled(message)
         elif decided.outcome is Outcome.DEFERRED:
-            after = before.with_deferred(message.sequence_number)
+            after = after.with_deferred(message.sequence_number)
         elif decided.outcome is Outcome.DEAD_LETTERED:
             after = self._after_dead_letter(held, message, decided)
         if after != before:

@@ -46,6 +46,9 @@ SCHEMA_VALIDATION_FAILED = "SchemaValidationFailed"
 UNKNOWN_EVENT_TYPE = "UnknownEventType"
 SESSION_MISMATCH = "SessionMismatch"
 MAX_RETRIES_EXCEEDED = "MaxRetriesExceeded"
+# The reason Service Bus gives a message it dead-letters by itself after its last
+# allowed delivery failed.
+MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 OUT_OF_ORDER = "OutOfOrder"
 
 
@@ -164,6 +167,15 @@ def describe_error(error: BaseException) -> str:
     return bounded(f"{name}: {text}" if text else name)
 
 
+def is_last_delivery(delivery_count: int, max_delivery_count: int) -> bool:
+    """Return whether the broker dead-letters the message if this delivery fails.
+
+    `delivery_count` is 0 on the first delivery, so this delivery is number
+    `delivery_count + 1`.
+    """
+    return delivery_count + 1 >= max_delivery_count
+
+
 def after_failure(
     error: BaseException, delivery_count: int, max_delivery_count: int
 ) -> Settlement:
@@ -178,7 +190,7 @@ def after_failure(
         return dead_lettered(error.reason, error.description)
     if isinstance(error, PermanentError):
         return dead_lettered(type(error).__name__, str(error))
-    if delivery_count + 1 >= max_delivery_count:
+    if is_last_delivery(delivery_count, max_delivery_count):
         return dead_lettered(MAX_RETRIES_EXCEEDED, describe_error(error))
     return Settlement(Action.ABANDON, Outcome.ABANDONED, "", describe_error(error))
 
