@@ -1,7 +1,7 @@
 """A message that kills its consumer on every delivery parks its order.
 
 The broker dead-letters such a message by itself once its last allowed delivery fails,
-as `MaxDeliveryCountExceeded`, and tells no consumer. Before the consumer recorded a
+as `MaxDeliveryCountExceeded`, and notifies no consumer. Before the consumer recorded a
 park ahead of each last delivery, the next consumer of the session ran the order's
 later messages past the lost one. Each consumer here is a process of its own, so a
 crash is a real exit in the middle of a handler.
