@@ -163,11 +163,17 @@ def original_sequence_number(message: ServiceBusReceivedMessage) -> int:
 
 
 def _original_number(properties: Mapping[str, Any], own_number: int) -> int:
+    # A copy is always enqueued after its original. A value that is not positive or
+    # not below the message's own sequence number was not written by these tools, so
+    # a producer that sets the property cannot reorder or reject an order's events.
     value = properties.get(ORIGINAL_SEQUENCE_PROPERTY)
+    if value is None or isinstance(value, bool):
+        return own_number
     try:
-        return int(value) if value is not None else own_number
+        number = int(value)
     except (TypeError, ValueError):
         return own_number
+    return number if 0 < number < own_number else own_number
 
 
 def message_body(message: ServiceBusReceivedMessage) -> bytes | None:
