@@ -264,6 +264,10 @@ class BrokerHandler(ReceiveLinks, Handler):
                 target = self.state.target_for(path)
                 self._check_authorized(link, path)
                 link.max_message_size = target.max_message_size_bytes
+            elif kind == "management":
+                # The management node of an entity reads and changes its messages
+                # and sessions, so it needs a token for that entity too.
+                self._check_authorized(link, path)
             elif kind == "admin":
                 check_admin_access(link.connection)
         except BrokerError as error:
@@ -282,12 +286,14 @@ class BrokerHandler(ReceiveLinks, Handler):
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
         kind = link_kind(path)
-        if kind == "admin":
-            try:
+        try:
+            if kind == "admin":
                 check_admin_access(link.connection)
-            except BrokerError as error:
-                self._reject_link(link, error)
-                return
+            elif kind == "management":
+                self._check_authorized(link, path)
+        except BrokerError as error:
+            self._reject_link(link, error)
+            return
         if kind != "entity":
             link.session.localbus_replies = {
                 **getattr(link.session, "localbus_replies", {}),
