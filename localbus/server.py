@@ -7,6 +7,7 @@ events, so a waiting receiver or accept is woken by the arrival itself.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -359,7 +360,12 @@ class BrokerHandler(ReceiveLinks, Handler):
         elif kind == "admin":
             reply = handle_admin(self, request, link.connection)
         else:
-            reply = handle_management(self.state, request)
+            requester = self._requesting_receivers(
+                link.connection, request.associated_link_name
+            )
+            reply = handle_management(
+                self.state, dataclasses.replace(request, requester=requester)
+            )
         replies = getattr(link.session, "localbus_replies", {})
         reply_link = replies.get(link.localbus_path.lower())
         if reply_link is None or not reply_link.state & Endpoint.LOCAL_ACTIVE:
