@@ -24,6 +24,9 @@ from localbus.records import Outcome
 from localbus.state import BrokerState
 
 MANAGEMENT_SUFFIX = "/$management"
+# Application property that names the link a request acts for. azure-servicebus
+# 7.15 sends it with every request of a sender or receiver, naming that handler's link.
+ASSOCIATED_LINK_NAME = "associated-link-name"
 MAX_SESSION_STATE_BYTES = 256 * 1024
 _OUTCOMES = {outcome.value: outcome for outcome in Outcome}
 
@@ -37,6 +40,10 @@ class ManagementRequest:
     message_id: Any
     properties: dict[str, Any]
     body: Any
+    # Ids of the receivers the request comes from, set by the server from the
+    # request's connection and `associated-link-name`. Operations on a session
+    # succeed only when one of them holds it.
+    requester: frozenset[int] = frozenset()
 
     @classmethod
     def decode(cls, payload: bytes, link_path: str) -> ManagementRequest:
@@ -66,6 +73,12 @@ class ManagementRequest:
             return default
         value = self.body.get(name, default)
         return list(value.elements) if isinstance(value, Array) else value
+
+    @property
+    def associated_link_name(self) -> str | None:
+        """Return the name of the receive link the request acts for, if it names one."""
+        value = self.properties.get(ASSOCIATED_LINK_NAME)
+        return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -169,12 +182,16 @@ def _required_session(request: ManagementRequest) -> str:
 
 
 def _renew_session_lock(state: BrokerState, request: ManagementRequest) -> Result:
-    until = state.renew_session_lock(request.path, _required_session(request))
+    until = state.renew_session_lock(
+        request.path, _required_session(request), request.requester
+    )
     return 200, {"expiration": timestamp(until)}
 
 
 def _get_session_state(state: BrokerState, request: ManagementRequest) -> Result:
-    _, session = state.held_session(request.path, _required_session(request))
+    _, session = state.held_session(
+        request.path, _required_session(request), request.requester
+    )
     return 200, {"session-state": session.state}
 
 
@@ -188,13 +205,18 @@ def _set_session_state(state: BrokerState, request: ManagementRequest) -> Result
                 f"session state of {len(value)} bytes exceeds the maximum of "
                 f"{MAX_SESSION_STATE_BYTES} bytes",
             )
-    state.set_session_state(request.path, _required_session(request), value)
+    state.set_session_state(
+        request.path, _required_session(request), value, request.requester
+    )
     return 200, {}
 
 
 def _renew_lock(state: BrokerState, request: ManagementRequest) -> Result:
     tokens = [_uuid(token) for token in request.argument("lock-tokens", [])]
-    expirations = [state.renew_message_lock(request.path, token) for token in tokens]
+    expirations = [
+        state.renew_message_lock(request.path, token, request.requester)
+        for token in tokens
+    ]
     array = Array(UNDESCRIBED, Data.TIMESTAMP, *[timestamp(e) for e in expirations])
     return 200, {"expirations": array}
 
@@ -207,7 +229,14 @@ def _update_disposition(state: BrokerState, request: ManagementRequest) -> Resul
     reason = request.argument("deadletter-reason")
     description = request.argument("deadletter-description")
     for token in request.argument("lock-tokens", []):
-        state.settle(request.path, _uuid(token), outcome, reason, description)
+        state.settle(
+            request.path,
+            _uuid(token),
+            outcome,
+            reason,
+            description,
+            request.requester,
+        )
     return 200, {}
 
 
@@ -238,7 +267,7 @@ def _receive_by_sequence_number(
     delete = int(request.argument("receiver-settle-mode", 1)) == 0
     session_id = _session_id(request)
     if store.requires_session:
-        state.held_session(request.path, session_id or "")
+        state.held_session(request.path, session_id or "", request.requester)
     received = []
     for number in numbers:
         message = store.messages.get(number)

@@ -11,7 +11,7 @@ import itertools
 import logging
 import uuid
 
-from proton import Endpoint, Link, Sender, symbol
+from proton import Connection, Endpoint, Link, Sender, symbol
 from proton.reactor import Container
 
 from localbus.codec import encode_delivery, tag_of
@@ -136,6 +136,27 @@ class ReceiveLinks:
             UNAUTHORIZED,
             f"no valid token was put for {path!r}; put a token signed with the "
             "broker's shared access key on $cbs first",
+        )
+
+    def _requesting_receivers(
+        self, connection: Connection, link_name: str | None
+    ) -> frozenset[int]:
+        """Return the ids of the receivers a `$management` request acts for.
+
+        A request that names a receive link in `associated-link-name` acts for that
+        link of its own connection only.
+        """
+        receiver_ids: set[int] = connection.localbus_receivers
+        if link_name is None:
+            # NOTE: a request that names no link acts for every receiver of its
+            # connection. azure-servicebus 7.15 names the link on every request of a
+            # receiver, so this covers only other clients.
+            return frozenset(receiver_ids)
+        return frozenset(
+            receiver_id
+            for receiver_id in receiver_ids
+            if (link := self._receive_links.get(receiver_id)) is not None
+            and link.name == link_name
         )
 
     def _pump(self, link: Sender, receiver_id: int) -> None:

@@ -7,6 +7,7 @@ events, so a waiting receiver or accept is woken by the arrival itself.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -264,6 +265,10 @@ class BrokerHandler(ReceiveLinks, Handler):
                 target = self.state.target_for(path)
                 self._check_authorized(link, path)
                 link.max_message_size = target.max_message_size_bytes
+            elif kind == "management":
+                # The management node of an entity reads and changes its messages
+                # and sessions, so it needs a token for that entity too.
+                self._check_authorized(link, path)
             elif kind == "admin":
                 check_admin_access(link.connection)
         except BrokerError as error:
@@ -282,12 +287,14 @@ class BrokerHandler(ReceiveLinks, Handler):
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
         kind = link_kind(path)
-        if kind == "admin":
-            try:
+        try:
+            if kind == "admin":
                 check_admin_access(link.connection)
-            except BrokerError as error:
-                self._reject_link(link, error)
-                return
+            elif kind == "management":
+                self._check_authorized(link, path)
+        except BrokerError as error:
+            self._reject_link(link, error)
+            return
         if kind != "entity":
             link.session.localbus_replies = {
                 **getattr(link.session, "localbus_replies", {}),
@@ -353,7 +360,12 @@ class BrokerHandler(ReceiveLinks, Handler):
         elif kind == "admin":
             reply = handle_admin(self, request, link.connection)
         else:
-            reply = handle_management(self.state, request)
+            requester = self._requesting_receivers(
+                link.connection, request.associated_link_name
+            )
+            reply = handle_management(
+                self.state, dataclasses.replace(request, requester=requester)
+            )
         replies = getattr(link.session, "localbus_replies", {})
         reply_link = replies.get(link.localbus_path.lower())
         if reply_link is None or not reply_link.state & Endpoint.LOCAL_ACTIVE:

@@ -133,8 +133,14 @@ class SessionLocking:
             del store.sessions[session.session_id]
         self._grant_waiting(store)
 
-    def held_session(self, path: str, session_id: str) -> tuple[MessageStore, Session]:
-        """Return a session that some receiver holds, or raise session-lock-lost."""
+    def held_session(
+        self, path: str, session_id: str, requester: frozenset[int] | None = None
+    ) -> tuple[MessageStore, Session]:
+        """Return a held session, or raise session-lock-lost.
+
+        `requester` contains the ids of the receivers a request comes from. When it
+        is given, the session's holder must be one of them. None skips that check.
+        """
         store = self.store_for(path)
         session = store.sessions.get(session_id)
         if session is None or session.holder is None:
@@ -143,11 +149,27 @@ class SessionLocking:
                 f"the lock on session {session_id!r} of {store.name} is not held; "
                 "accept the session again",
             )
+        if requester is not None and session.holder not in requester:
+            log.info(
+                "session_request_rejected store=%s session=%s holder=%s requester=%s",
+                store.name,
+                session_id,
+                session.holder,
+                sorted(requester),
+            )
+            raise BrokerError(
+                SESSION_LOCK_LOST,
+                f"the lock on session {session_id!r} of {store.name} is held by "
+                "another receive link; send the request through the receiver that "
+                "accepted the session",
+            )
         return store, session
 
-    def renew_session_lock(self, path: str, session_id: str) -> int:
+    def renew_session_lock(
+        self, path: str, session_id: str, requester: frozenset[int] | None = None
+    ) -> int:
         """Extend a held session lock by the lock duration; return the new expiry."""
-        store, session = self.held_session(path, session_id)
+        store, session = self.held_session(path, session_id, requester)
         until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
         log.debug(
             "session_renewed store=%s session=%s receiver=%s",
@@ -164,19 +186,25 @@ class SessionLocking:
         return until
 
     def set_session_state(
-        self, path: str, session_id: str, state: bytes | None
+        self,
+        path: str,
+        session_id: str,
+        state: bytes | None,
+        requester: frozenset[int] | None = None,
     ) -> None:
         """Store the state of a held session (None clears it)."""
-        store, session = self.held_session(path, session_id)
+        store, session = self.held_session(path, session_id, requester)
         session.state = state
         self._journal.session_state_stored(store.name, session_id, state)
 
-    def renew_message_lock(self, path: str, token: uuid.UUID) -> int:
+    def renew_message_lock(
+        self, path: str, token: uuid.UUID, requester: frozenset[int] | None = None
+    ) -> int:
         """Extend a message lock by the lock duration; return the new expiry."""
         store = self.store_for(path)
         message = store.locked_message(token, self.now_ms())
         if store.requires_session:
-            return self.renew_session_lock(path, message.session_id or "")
+            return self.renew_session_lock(path, message.session_id or "", requester)
         until = self.now_ms() + int(store.settings.lock_duration_s * 1000)
         message.locked_until_ms = until
         self._add_deadline(until, "message", store.name, message.sequence_number)

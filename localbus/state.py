@@ -313,10 +313,17 @@ class BrokerState(SessionLocking, DeadlineHandling):
         outcome: Outcome,
         reason: str | None = None,
         description: str | None = None,
+        requester: frozenset[int] | None = None,
     ) -> None:
-        """Apply a settlement outcome to the message locked under `token`."""
+        """Apply a settlement outcome to the message locked under `token`.
+
+        With `requester`, a message of a session is settled only when one of those
+        receivers holds the session (see `held_session`).
+        """
         store = self.store_for(path)
         message = store.locked_message(token, self.now_ms())
+        if store.requires_session and requester is not None:
+            self.held_session(path, message.session_id or "", requester)
         holder = self._receivers.get(message.holder or -1)
         if holder is not None:
             holder.unsettled.discard(message.sequence_number)

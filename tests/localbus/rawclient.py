@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from proton import Collector, Connection, Link, Message, Transport, symbol
+from proton import Collector, Connection, Delivery, Link, Message, Transport, symbol
 
 
 class RawClient:
@@ -95,11 +95,12 @@ class RawClient:
         self.pump_until(lambda: bool(link.remote_source.address))
         return link
 
-    def start_transfer(self, link: Link, message: Message) -> None:
+    def start_transfer(self, link: Link, message: Message) -> Delivery:
         """Queue a message on `link` without writing it to the socket yet."""
-        link.delivery(uuid.uuid4().bytes)
+        delivery = link.delivery(uuid.uuid4().bytes)
         link.send(message.encode())
         link.advance()
+        return delivery
 
     def close_abruptly(self) -> None:
         """Close the socket without any AMQP close frames."""
