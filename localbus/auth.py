@@ -34,8 +34,8 @@ def verify_sas_token(
     missing = [name for name in ("sr", "sig", "se") if name not in values]
     if missing:
         raise ValueError(f"the token lacks the field(s) {', '.join(missing)}")
-    if values.get("skn", key.name) != key.name:
-        raise ValueError("the token names an unknown shared access key")
+    if values.get("skn") != key.name:
+        raise ValueError("the token names no or an unknown shared access key (skn)")
     try:
         expiry = int(values["se"])
     except ValueError:

@@ -126,10 +126,18 @@ def handle_cbs(
             f"unsupported CBS operation {request.operation!r}",
             cbs=True,
         )
-    name = str(request.properties.get("name", ""))
+    audience = audience_path(str(request.properties.get("name", "")))
     if require_auth:
         try:
-            verify_sas_token(str(request.body or ""), access_key)
+            signed = audience_path(
+                verify_sas_token(str(request.body or ""), access_key)
+            )
+            # The token is signed for its resource (sr), and the name the client
+            # puts it under must lie within it: the namespace covers every entity.
+            if signed not in ("", audience):
+                raise ValueError(
+                    f"the token is signed for {signed!r}, not for {audience!r}"
+                )
         except ValueError as error:
             return ManagementReply(
                 request.message_id,
@@ -139,7 +147,7 @@ def handle_cbs(
                 cbs=True,
             )
     return ManagementReply(
-        request.message_id, 202, "Accepted", cbs=True, audience=audience_path(name)
+        request.message_id, 202, "Accepted", cbs=True, audience=audience
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from localbus.config import (
     load_emulator_config,
     parse_duration_s,
 )
+from localbus.management import ManagementRequest, handle_cbs
 from localbus.testing import run_broker, run_broker_process
 
 EMULATOR_CONFIG = {
@@ -179,3 +181,45 @@ def test_port_in_use_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(RuntimeError, match="cannot listen"):
             with run_broker(port=broker.port):
                 pass
+
+
+def test_sas_token_needs_key_name() -> None:
+    from azure.servicebus._pyamqp.utils import generate_sas_token
+
+    key = SharedAccessKey("RootManageSharedAccessKey", "secret")
+    token = generate_sas_token("sb://h/q", key.name, key.key, expiry=4_000_000_000)
+    without_name = "&".join(
+        part for part in token.split("&") if not part.startswith("skn=")
+    )
+    with pytest.raises(ValueError, match="skn"):
+        verify_sas_token(without_name, key, now_s=1)
+
+
+def _put_token(name: str, token: str) -> ManagementRequest:
+    return ManagementRequest(
+        path="$cbs",
+        operation="put-token",
+        message_id=1,
+        properties={"name": name},
+        body=token,
+    )
+
+
+def test_cbs_token_covers_only_its_resource() -> None:
+    from azure.servicebus._pyamqp.utils import generate_sas_token
+
+    key = SharedAccessKey("RootManageSharedAccessKey", "secret")
+    expiry = int(time.time()) + 3600
+    queue_a = generate_sas_token("sb://h/queue-a", key.name, key.key, expiry=expiry)
+    namespace = generate_sas_token("sb://h/", key.name, key.key, expiry=expiry)
+
+    own = handle_cbs(_put_token("sb://h/queue-a", queue_a), key, require_auth=True)
+    assert own.status_code == 202
+    assert own.audience == "queue-a"
+    # A token signed for one queue, put under another queue's name.
+    other = handle_cbs(_put_token("sb://h/queue-b", queue_a), key, require_auth=True)
+    assert other.status_code == 401
+    assert other.audience is None
+    wide = handle_cbs(_put_token("sb://h/queue-b", namespace), key, require_auth=True)
+    assert wide.status_code == 202
+    assert wide.audience == "queue-b"
