@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner, Result
 
-from consumer.cli_admin import dlq_cli
+from consumer.cli_admin import dlq_cli, sessions_cli
 from consumer.dlq import DeadLetteredMessage, render_body
 from consumer.publish import build_raw_message, publish_messages
 from consumer.terminal import escape_controls
@@ -79,6 +79,40 @@ def dead_letter_of(broker: RunningBroker, order_id: str) -> DeadLetteredMessage:
 def show(broker: RunningBroker, order_id: str) -> Result:
     record = dead_letter_of(broker, order_id)
     return CliRunner().invoke(dlq_cli, ["show", str(record.sequence_number)])
+
+
+def test_dlq_list_prints_ids_literally(hostile_env: RunningBroker) -> None:
+    result = CliRunner().invoke(dlq_cli, ["list"])
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert "X-\\x1b[2J\\x1b[31mRED" in result.stdout
+    assert MARKUP_ID in result.stdout
+    assert LINK_ID in result.stdout
+    assert "X-line1\\nFAKE" in result.stdout
+    assert "[red]S\\x1b[5mUBJ" in result.stdout
+    assert "6 dead-lettered message(s)" in result.stdout
+
+
+def test_sessions_list_prints_ids_literally(hostile_env: RunningBroker) -> None:
+    result = CliRunner().invoke(sessions_cli, ["list"])
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert "X-\\x1b[2J\\x1b[31mRED" in result.stdout
+    assert MARKUP_ID in result.stdout
+    assert LINK_ID in result.stdout
+    assert "X-line1\\nFAKE" in result.stdout
+    assert "6 parked or unchecked order(s)" in result.stdout
+
+
+def test_dlq_show_escapes_fields(hostile_env: RunningBroker) -> None:
+    result = show(hostile_env, ANSI_ID)
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert "order:            X-\\x1b[2J\\x1b[31mRED" in result.stdout
+    assert "event type:       [red]S\\x1b[5mUBJ" in result.stdout
 
 
 def test_dlq_show_deep_body_as_raw_text(hostile_env: RunningBroker) -> None:
