@@ -242,11 +242,16 @@ def write_jsonl(events: Iterable[dict[str, Any]], path: Path | str) -> int:
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """Read a JSON lines file of events, skipping blank lines.
+    """Read a JSON lines file of events like `read_numbered_jsonl`, without numbers."""
+    return [event for _, event in read_numbered_jsonl(path)]
+
+
+def read_numbered_jsonl(path: Path | str) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSON lines file of events as (line number, event), skipping blanks.
 
     Raises `ValueError` naming the line number of a line that is not a JSON object.
     """
-    events: list[dict[str, Any]] = []
+    events: list[tuple[int, dict[str, Any]]] = []
     with Path(path).open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -257,5 +262,5 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: invalid JSON: {error}") from None
             if not isinstance(value, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            events.append(value)
+            events.append((number, value))
     return events

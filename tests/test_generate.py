@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from consumer.events import validate_event
-from consumer.generate import LifecycleOdds, generate_stream, read_jsonl, write_jsonl
+from consumer.generate import (
+    LifecycleOdds,
+    generate_stream,
+    read_jsonl,
+    read_numbered_jsonl,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,10 @@ def test_read_jsonl_names_bad_line(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"bad.jsonl:3: expected a JSON object"):
         read_jsonl(path)
+
+
+def test_read_numbered_jsonl_keeps_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+
+    assert read_numbered_jsonl(path) == [(1, {"a": 1}), (3, {"a": 2})]

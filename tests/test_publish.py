@@ -127,6 +127,19 @@ def test_bad_input_raises(
     assert isinstance(caught.value, ValueError)
 
 
+def test_long_order_id_raises(events: list[dict[str, Any]]) -> None:
+    event = dict(events[0], payload=dict(events[0]["payload"], orderId="O" * 129))
+
+    with pytest.raises(InvalidEventError, match="orderId is 129 characters long"):
+        build_message(event)
+
+
+def test_order_id_at_limit_builds(events: list[dict[str, Any]]) -> None:
+    event = dict(events[0], payload=dict(events[0]["payload"], orderId="O" * 128))
+
+    assert build_message(event).session_id == "O" * 128
+
+
 def test_bad_input_names_index(events: list[dict[str, Any]]) -> None:
     broken = dict(events[3], payload={})
 
