@@ -190,7 +190,7 @@ def publish(
     except ConfigurationError as error:
         raise _fail(str(error), EXIT_CONFIGURATION, multiline=True) from None
     try:
-        lines = read_numbered_jsonl(file)
+        lines = read_numbered_jsonl(file, max_depth=settings.max_json_depth)
     except (OSError, ValueError) as error:
         raise _fail(str(error), EXIT_CONFIGURATION) from None
     messages = _build_line_messages(file, lines)

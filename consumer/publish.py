@@ -122,8 +122,9 @@ def build_message(
 ) -> ServiceBusMessage:
     """Build the Service Bus message of one event (a dict as in JSON, or an `Event`).
 
-    Raises `InvalidEventError` when `eventType` or `payload.orderId` is missing, and
-    when `payload.orderId` is longer than a session id may be.
+    Raises `InvalidEventError` when `eventType` or `payload.orderId` is missing, when
+    `payload.orderId` is longer than a session id may be, and when the event contains
+    NaN or an infinite number, which JSON cannot represent.
     """
     if isinstance(event, Event):
         data: Mapping[str, Any] = json.loads(event_to_json(event))
@@ -153,10 +154,16 @@ def build_message(
     trace_properties = (
         {"traceparent": traceparent} if traceparent else inject_traceparent()
     )
-    body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        # json.dumps would write them as NaN or Infinity, which the consumer rejects.
+        raise InvalidEventError(
+            "the event contains NaN or an infinite number, which JSON cannot represent"
+        ) from None
     try:
         return ServiceBusMessage(
-            body,
+            text.encode("utf-8"),
             session_id=order_id,
             message_id=message_id or message_id_for(data),
             subject=event_type,

@@ -112,6 +112,34 @@ def test_publish_long_order_id_exits_2(
     assert_queue_empty(publish_env)
 
 
+@pytest.mark.parametrize(
+    ("literal", "problem"),
+    [
+        ("NaN", "NaN is not valid JSON"),
+        ("Infinity", "Infinity is not valid JSON"),
+        ("-Infinity", "-Infinity is not valid JSON"),
+        ("1e400", "number '1e400' is outside the range of a double"),
+    ],
+)
+def test_publish_non_finite_number_exits_2(
+    publish_env: RunningBroker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    literal: str,
+    problem: str,
+) -> None:
+    path = tmp_path / "events.jsonl"
+    event = json.dumps(make_event("PAYMENT_CAPTURED", "ORD-2"))
+    write_events(path, event.replace('"amount": 10.0', f'"amount": {literal}'))
+
+    code = main(["publish", str(path)])
+
+    error = capsys.readouterr().err
+    assert code == EXIT_CONFIGURATION
+    assert f"{path}:3: invalid JSON: {problem}" in error
+    assert_queue_empty(publish_env)
+
+
 def test_publish_valid_file_sends_all(
     publish_env: RunningBroker,
     tmp_path: Path,
