@@ -24,6 +24,7 @@ import typer
 from consumer.cli_admin import dlq_cli, sessions_cli
 from consumer.errors import ConfigurationError, TransportError
 from consumer.redact import redact
+from consumer.terminal import LINE_BREAKS, escape_controls
 
 EXIT_FAILED = 1
 EXIT_CONFIGURATION = 2
@@ -48,8 +49,12 @@ cli.add_typer(dlq_cli, name="dlq")
 cli.add_typer(sessions_cli, name="sessions")
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {redact(message)}", err=True)
+def _fail(message: str, code: int, *, multiline: bool = False) -> typer.Exit:
+    # Messages may quote input values, so control characters are escaped. Only
+    # multi-line messages of our own, such as the list of invalid settings, keep
+    # their line breaks.
+    text = escape_controls(redact(message), LINE_BREAKS if multiline else "")
+    typer.echo(f"error: {text}", err=True)
     return typer.Exit(code)
 
 
@@ -78,7 +83,7 @@ def run(
         app = ConsumerApp(settings)
         store = _install_bundled_handlers(app)
     except ConfigurationError as error:
-        raise _fail(str(error), EXIT_CONFIGURATION) from None
+        raise _fail(str(error), EXIT_CONFIGURATION, multiline=True) from None
     configure_logging(settings.effective_log_format, settings.log_level)
     server = OpsServer(
         app.metrics.registry, app.health, settings.metrics_host, settings.metrics_port
@@ -171,23 +176,46 @@ def publish(
     file: Annotated[Path, typer.Argument(help="JSON lines file, one event a line.")],
     env: Annotated[str, typer.Option(help="Environment: dev, sit or prod.")] = "dev",
 ) -> None:
-    """Publish events to the configured entity, with session id = payload.orderId."""
+    """Publish events to the configured entity, with session id = payload.orderId.
+
+    Every line is checked before the first send, so a file with an invalid line
+    sends nothing.
+    """
     from consumer.config import load_settings
-    from consumer.generate import read_jsonl
-    from consumer.publish import InvalidEventError, publish_events_sync
+    from consumer.generate import read_numbered_jsonl
+    from consumer.publish import InvalidEventError, publish_messages_sync
 
     try:
         settings = load_settings(env)
-        events = read_jsonl(file)
-    except (ConfigurationError, OSError, ValueError) as error:
-        raise _fail(str(error), EXIT_CONFIGURATION) from None
+    except ConfigurationError as error:
+        raise _fail(str(error), EXIT_CONFIGURATION, multiline=True) from None
     try:
-        count = publish_events_sync(settings, events)
+        lines = read_numbered_jsonl(file, max_depth=settings.max_json_depth)
+    except (OSError, ValueError) as error:
+        raise _fail(str(error), EXIT_CONFIGURATION) from None
+    messages = _build_line_messages(file, lines)
+    try:
+        count = publish_messages_sync(settings, messages).messages
     except InvalidEventError as error:
         raise _fail(f"{file}: {error}", EXIT_CONFIGURATION) from None
     except TransportError as error:
         raise _fail(str(error), EXIT_FAILED) from None
     typer.echo(f"published {count} events to {settings.entity_name}")
+
+
+def _build_line_messages(
+    file: Path, lines: list[tuple[int, dict[str, Any]]]
+) -> list[Any]:
+    """Build the message of each (line number, event), naming the line in errors."""
+    from consumer.publish import InvalidEventError, build_message
+
+    messages: list[Any] = []
+    for number, event in lines:
+        try:
+            messages.append(build_message(event))
+        except InvalidEventError as error:
+            raise _fail(f"{file}:{number}: {error}", EXIT_CONFIGURATION) from None
+    return messages
 
 
 @cli.command()

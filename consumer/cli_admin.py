@@ -23,6 +23,7 @@ from azure.servicebus.aio import ServiceBusClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from consumer.config import Settings, load_settings
 from consumer.dlq import (
@@ -43,6 +44,7 @@ from consumer.sessions_admin import (
     resubmit_order,
     unpark,
 )
+from consumer.terminal import LINE_BREAKS, escape_controls
 
 EXIT_FAILED = 1
 EXIT_CONFIGURATION = 2
@@ -73,8 +75,12 @@ OrderOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {redact(message)}", err=True)
+def _fail(message: str, code: int, *, multiline: bool = False) -> typer.Exit:
+    # Error messages quote order ids and other values that producers chose, so
+    # control characters are escaped. Only multi-line messages of our own, such as
+    # the list of invalid settings, keep their line breaks.
+    text = escape_controls(redact(message), LINE_BREAKS if multiline else "")
+    typer.echo(f"error: {text}", err=True)
     return typer.Exit(code)
 
 
@@ -88,7 +94,7 @@ def _run(settings: Settings, work: Callable[..., Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except ConfigurationError as error:
-        raise _fail(str(error), EXIT_CONFIGURATION) from None
+        raise _fail(str(error), EXIT_CONFIGURATION, multiline=True) from None
     except (DeadLetterToolError, TransportError) as error:
         raise _fail(str(error), EXIT_FAILED) from None
 
@@ -97,7 +103,7 @@ def _settings(env: str) -> Settings:
     try:
         return load_settings(env)
     except ConfigurationError as error:
-        raise _fail(str(error), EXIT_CONFIGURATION) from None
+        raise _fail(str(error), EXIT_CONFIGURATION, multiline=True) from None
 
 
 @contextmanager
@@ -108,6 +114,13 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda count: progress.advance(task, count)
+
+
+def _cell(text: str) -> Text:
+    """Return a table cell that shows `text` literally: no markup, no control codes."""
+    # Rich parses a `str` cell for markup such as `[bold]` or `[link=...]`, but prints
+    # a `Text` as it is.
+    return Text(escape_controls(text))
 
 
 def _stdout() -> Console:
@@ -235,10 +248,10 @@ def list_messages(
     for message in messages:
         enqueued = message.enqueued_at.isoformat() if message.enqueued_at else ""
         table.add_row(
-            message.order_id,
-            message.event_type,
-            message.reason,
-            message.description,
+            _cell(message.order_id),
+            _cell(message.event_type),
+            _cell(message.reason),
+            _cell(message.description),
             enqueued,
             str(message.delivery_count),
             str(message.sequence_number),
@@ -281,10 +294,10 @@ def show(
         "content type": message.content_type or "",
     }
     for name, value in rows.items():
-        typer.echo(f"{name + ':':18}{value}")
+        typer.echo(f"{name + ':':18}{escape_controls(str(value))}")
     typer.echo("application properties:")
     for key, value in sorted(message.user_properties().items()):
-        typer.echo(f"  {key}: {value}")
+        typer.echo(f"  {escape_controls(key)}: {escape_controls(str(value))}")
     typer.echo("body:")
     typer.echo(render_body(message.body))
 
@@ -325,11 +338,12 @@ def _report(outcomes: list[ResubmitResult | DeadLetterToolError], verb: str) -> 
     for outcome in outcomes:
         if isinstance(outcome, DeadLetterToolError):
             failures += 1
-            typer.echo(f"error: {redact(str(outcome))}", err=True)
+            typer.echo(f"error: {escape_controls(redact(str(outcome)))}", err=True)
             continue
         numbers = outcome.resubmitted or outcome.skipped
         resumed = "; order resumed" if outcome.unparked else ""
-        typer.echo(f"order {outcome.order_id}: {verb} {list(numbers)}{resumed}")
+        order_id = escape_controls(outcome.order_id)
+        typer.echo(f"order {order_id}: {verb} {list(numbers)}{resumed}")
     if not outcomes:
         typer.echo("no matching dead-lettered messages")
     if failures:
@@ -380,10 +394,10 @@ def list_sessions(env: EnvOption = "dev") -> None:
     )
     for row in rows:
         table.add_row(
-            row.order_id,
+            _cell(row.order_id),
             row.status,
-            row.reason,
-            row.description,
+            _cell(row.reason),
+            _cell(row.description),
             "" if row.sequence_number is None else str(row.sequence_number),
             "" if row.deferred is None else str(row.deferred),
         )

@@ -33,7 +33,9 @@ from azure.servicebus.exceptions import ServiceBusError
 
 from consumer.config import Settings
 from consumer.errors import ConfigurationError, ConsumerError
+from consumer.events import EventRejected, decode_body
 from consumer.redact import redact
+from consumer.terminal import LINE_BREAKS, escape_controls
 
 REASON_PROPERTY = "DeadLetterReason"
 DESCRIPTION_PROPERTY = "DeadLetterErrorDescription"
@@ -184,18 +186,43 @@ def message_body(message: ServiceBusReceivedMessage) -> bytes | None:
 
 
 def render_body(body: bytes | None, limit: int = MAX_SHOWN_BODY_CHARS) -> str:
-    """Return `body` as indented JSON when it is JSON, else as text, cut at `limit`."""
+    """Return `body` for printing to a terminal, cut at `limit` characters.
+
+    A body that `decode_body` accepts (a JSON object within its size and depth limits)
+    is shown as indented JSON. Any other body is shown as its raw text, after a line
+    that gives the reason. Bytes that are not UTF-8 are shown as `\\xNN` escapes and
+    control characters as escapes such as `\\x1b`, so the text cannot drive the
+    terminal.
+    """
     if body is None:
         return "(no data body: the message carries an AMQP value or sequence)"
-    text = body.decode("utf-8", "replace")
     try:
-        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
-        pass
-    if len(text) > limit:
-        cut = len(text) - limit
-        return f"{text[:limit]}\n... ({cut} more characters not shown)"
-    return text
+        value = decode_body(body)
+    except EventRejected as rejected:
+        return _render_raw(body, rejected.description, limit)
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _cut(text, limit, len(body))
+
+
+def _render_raw(body: bytes, problem: str, limit: int) -> str:
+    notes = [f"not shown as JSON: {problem}"]
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        notes.append("bytes that are not UTF-8 are shown as \\xNN escapes")
+    # The shown text is built from a prefix, not from a copy of the whole body. A
+    # character takes at most 4 bytes, so the prefix contains more than `limit`
+    # characters whenever the body is longer than the prefix, and `_cut` notes the cut.
+    text = body[: 4 * (limit + 1)].decode("utf-8", "backslashreplace")
+    note = escape_controls("; ".join(notes))
+    return f"({note})\n{_cut(text, limit, len(body))}"
+
+
+def _cut(text: str, limit: int, body_bytes: int) -> str:
+    head = escape_controls(text[:limit], keep=LINE_BREAKS)
+    if len(text) <= limit:
+        return head
+    return f"{head}\n... (cut at {limit} characters; the body is {body_bytes} bytes)"
 
 
 @asynccontextmanager

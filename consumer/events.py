@@ -416,6 +416,22 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def loads_strict(text: str) -> Any:
+    """Parse JSON `text` like `json.loads`, but stricter, as message bodies are parsed.
+
+    Raises `ValueError` for NaN, Infinity and -Infinity, which are not JSON, for a
+    number outside the double range such as 1e400, which `json.loads` turns into
+    infinity, and for duplicate keys, of which `json.loads` keeps the last. The nesting
+    depth is not bounded, so check `json_depth` first on untrusted text.
+    """
+    return json.loads(
+        text,
+        parse_constant=_reject_constant,
+        parse_float=_parse_finite_float,
+        object_pairs_hook=_reject_duplicate_keys,
+    )
+
+
 def decode_body(
     body: bytes | str,
     *,
@@ -447,12 +463,7 @@ def decode_body(
             f"JSON nesting depth {depth} exceeds the limit of {max_depth}",
         )
     try:
-        value = json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_parse_finite_float,
-            object_pairs_hook=_reject_duplicate_keys,
-        )
+        value = loads_strict(text)
     except ValueError as error:
         raise EventRejected(
             "MalformedBody", f"body is not valid JSON: {error}"

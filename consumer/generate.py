@@ -32,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from consumer.events import DEFAULT_MAX_DEPTH, json_depth, loads_strict
+
 DEFAULT_START = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 EVENT_VERSION = "1.0"
 
@@ -241,21 +243,47 @@ def write_jsonl(events: Iterable[dict[str, Any]], path: Path | str) -> int:
     return count
 
 
-def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """Read a JSON lines file of events, skipping blank lines.
+def read_jsonl(
+    path: Path | str, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> list[dict[str, Any]]:
+    """Read a JSON lines file of events like `read_numbered_jsonl`, without numbers."""
+    return [event for _, event in read_numbered_jsonl(path, max_depth=max_depth)]
 
-    Raises `ValueError` naming the line number of a line that is not a JSON object.
+
+def read_numbered_jsonl(
+    path: Path | str, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSON lines file of events as (line number, event), skipping blanks.
+
+    Each line is parsed as the consumer parses a message body, so a line that it
+    would dead-letter as malformed is rejected here: invalid UTF-8, nesting deeper
+    than `max_depth`, NaN, Infinity, numbers outside the double range and duplicate
+    keys. Raises `ValueError` naming the line number of the first such line and of a
+    line that is not a JSON object.
     """
-    events: list[dict[str, Any]] = []
-    with Path(path).open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    events: list[tuple[int, dict[str, Any]]] = []
+    with Path(path).open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: invalid UTF-8: {error.reason} at byte "
+                    f"{error.start} of the line"
+                ) from None
             if not line.strip():
                 continue
+            depth = json_depth(line)
+            if depth > max_depth:
+                raise ValueError(
+                    f"{path}:{number}: JSON nesting depth {depth} exceeds the limit "
+                    f"of {max_depth}"
+                )
             try:
-                value = json.loads(line)
+                value = loads_strict(line)
             except ValueError as error:
                 raise ValueError(f"{path}:{number}: invalid JSON: {error}") from None
             if not isinstance(value, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            events.append(value)
+            events.append((number, value))
     return events

@@ -52,6 +52,7 @@ import structlog
 from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
 
 from consumer.redact import REDACTED, redact
+from consumer.terminal import LINE_BREAKS, escape_controls
 
 LogFormat = Literal["console", "json"]
 
@@ -140,7 +141,43 @@ def format_redacted_exception(sio: TextIO, exc_info: ExcInfo) -> None:
     variables (and so a connection string) next to each frame.
     """
     text = "".join(traceback.format_exception(*exc_info))
-    sio.write("\n" + redact(text).rstrip("\n"))
+    # Exception messages may quote message ids or bodies that producers chose.
+    sio.write("\n" + escape_controls(redact(text).rstrip("\n"), LINE_BREAKS))
+
+
+class _QuotedText:
+    """A string that the console renderer prints as its `repr`, with escapes."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    __str__ = __repr__
+
+
+def quote_unprintable(
+    _logger: WrappedLogger, _method: str, event_dict: EventDict
+) -> EventDict:
+    """Make string values with non-printable characters print quoted and escaped.
+
+    A structlog processor for the console format. `ConsoleRenderer` prints a string
+    without spaces or quotes as it is, so an ANSI escape sequence in an order id would
+    reach the terminal, and it prints the event itself as it is, whatever it contains.
+    Nested values need nothing, because the renderer prints them with `repr`.
+    """
+    for key, value in event_dict.items():
+        if not isinstance(value, str) or value.isprintable():
+            continue
+        if key in ("stack", "exception"):
+            # Multi-line text that the renderer writes below the line as it is.
+            event_dict[key] = escape_controls(value, LINE_BREAKS)
+        else:
+            event_dict[key] = _QuotedText(value)
+    return event_dict
 
 
 def _redacted_exc_info(
@@ -171,6 +208,7 @@ def _renderer_chain(log_format: LogFormat, stream: TextIO) -> list[Processor]:
     colors = bool(getattr(stream, "isatty", lambda: False)())
     return [
         redact_event,
+        quote_unprintable,
         structlog.dev.ConsoleRenderer(
             colors=colors, exception_formatter=format_redacted_exception
         ),

@@ -60,6 +60,10 @@ TRANSIENT_ERRORS: tuple[type[ServiceBusError], ...] = (
 # times the SDK's retries.
 _SDK_CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 0}
 
+# Service Bus limits the session id, which is `payload.orderId`, to 128 characters, and
+# azure-servicebus 7.15.0 raises ValueError for a longer one.
+MAX_SESSION_ID_CHARS = 128
+
 _log = structlog.get_logger("orders_consumer.publish")
 
 
@@ -118,7 +122,9 @@ def build_message(
 ) -> ServiceBusMessage:
     """Build the Service Bus message of one event (a dict as in JSON, or an `Event`).
 
-    Raises `InvalidEventError` when `eventType` or `payload.orderId` is missing.
+    Raises `InvalidEventError` when `eventType` or `payload.orderId` is missing, when
+    `payload.orderId` is longer than a session id may be, and when the event contains
+    NaN or an infinite number, which JSON cannot represent.
     """
     if isinstance(event, Event):
         data: Mapping[str, Any] = json.loads(event_to_json(event))
@@ -132,6 +138,11 @@ def build_message(
     if not isinstance(payload, Mapping):
         raise InvalidEventError("payload is missing or not a JSON object")
     order_id = _required_text(payload, "payload.orderId", "session id")
+    if len(order_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidEventError(
+            f"payload.orderId is {len(order_id)} characters long, but it becomes the "
+            f"session id, which is limited to {MAX_SESSION_ID_CHARS} characters"
+        )
     event_type = _required_text(data, "eventType", "subject")
     metadata = data.get("metadata")
     correlation_id = (
@@ -143,16 +154,26 @@ def build_message(
     trace_properties = (
         {"traceparent": traceparent} if traceparent else inject_traceparent()
     )
-    body = json.dumps(data, separators=(",", ":")).encode("utf-8")
-    return ServiceBusMessage(
-        body,
-        session_id=order_id,
-        message_id=message_id or message_id_for(data),
-        subject=event_type,
-        correlation_id=correlation_id if isinstance(correlation_id, str) else None,
-        content_type=CONTENT_TYPE,
-        application_properties=trace_properties or None,
-    )
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        # json.dumps would write them as NaN or Infinity, which the consumer rejects.
+        raise InvalidEventError(
+            "the event contains NaN or an infinite number, which JSON cannot represent"
+        ) from None
+    try:
+        return ServiceBusMessage(
+            text.encode("utf-8"),
+            session_id=order_id,
+            message_id=message_id or message_id_for(data),
+            subject=event_type,
+            correlation_id=correlation_id if isinstance(correlation_id, str) else None,
+            content_type=CONTENT_TYPE,
+            application_properties=trace_properties or None,
+        )
+    except ValueError as error:
+        # The SDK checks more limits, such as the length of a given message id.
+        raise InvalidEventError(str(error)) from None
 
 
 def build_messages(

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from consumer.events import validate_event
-from consumer.generate import LifecycleOdds, generate_stream, read_jsonl, write_jsonl
+from consumer.generate import (
+    LifecycleOdds,
+    generate_stream,
+    read_jsonl,
+    read_numbered_jsonl,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,41 @@ def test_read_jsonl_names_bad_line(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"bad.jsonl:3: expected a JSON object"):
         read_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"a": NaN}', "invalid JSON: NaN is not valid JSON"),
+        ('{"a": Infinity}', "invalid JSON: Infinity is not valid JSON"),
+        ('{"a": -Infinity}', "invalid JSON: -Infinity is not valid JSON"),
+        ('{"a": 1e400}', "outside the range of a double"),
+        ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+        ('{"a":' * 40 + "1" + "}" * 40, "nesting depth 40 exceeds the limit of 32"),
+    ],
+)
+def test_read_jsonl_rejects_what_consumer_rejects(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"a": 1}\n' + line + "\n", encoding="utf-8")
+
+    with pytest.raises(ValueError, match=r"events.jsonl:2: ") as caught:
+        read_jsonl(path)
+
+    assert problem in str(caught.value)
+
+
+def test_read_jsonl_names_non_utf8_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+
+    with pytest.raises(ValueError, match=r"events.jsonl:2: invalid UTF-8"):
+        read_jsonl(path)
+
+
+def test_read_numbered_jsonl_keeps_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+
+    assert read_numbered_jsonl(path) == [(1, {"a": 1}), (3, {"a": 2})]

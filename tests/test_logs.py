@@ -237,6 +237,27 @@ def test_console_format_is_readable() -> None:
         json.loads(text)
 
 
+def test_console_escapes_control_characters() -> None:
+    stream = io.StringIO()
+    configure_logging("console", stream=stream)
+
+    with message_context(order_id="X-\x1b[2J\x1b[31mRED"):
+        structlog.get_logger().warning("session_parked", event_type="A\nlevel=forged")
+    logging.getLogger("orders.test").warning("link %s lost", "L-\x1b]8;;x\x07")
+    try:
+        raise ValueError("bad id B-\x1b[5m")
+    except ValueError:
+        structlog.get_logger().exception("handler_crashed")
+
+    text = stream.getvalue()
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "order_id='X-\\x1b[2J\\x1b[31mRED'" in text
+    assert "event_type='A\\nlevel=forged'" in text
+    assert "'link L-\\x1b]8;;x\\x07 lost'" in text
+    assert "ValueError: bad id B-\\x1b[5m" in text
+
+
 @pytest.mark.parametrize(
     ("log_format", "level", "message"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -125,6 +126,27 @@ def test_bad_input_raises(
 
     assert fragment in str(caught.value)
     assert isinstance(caught.value, ValueError)
+
+
+def test_long_order_id_raises(events: list[dict[str, Any]]) -> None:
+    event = dict(events[0], payload=dict(events[0]["payload"], orderId="O" * 129))
+
+    with pytest.raises(InvalidEventError, match="orderId is 129 characters long"):
+        build_message(event)
+
+
+def test_order_id_at_limit_builds(events: list[dict[str, Any]]) -> None:
+    event = dict(events[0], payload=dict(events[0]["payload"], orderId="O" * 128))
+
+    assert build_message(event).session_id == "O" * 128
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+def test_non_finite_number_raises(events: list[dict[str, Any]], number: float) -> None:
+    event = dict(events[0], extra={"amount": number})
+
+    with pytest.raises(InvalidEventError, match="NaN or an infinite number"):
+        build_message(event)
 
 
 def test_bad_input_names_index(events: list[dict[str, Any]]) -> None:
