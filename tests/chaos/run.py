@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the harness with the options in `argv` and return the exit status."""
     args = build_parser().parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C, so the broker and the consumers are stopped
+    # on the way out instead of outliving the harness.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     checkpoint = {"on": True, "off": False, "seed": None}[args.checkpoint]
     with tempfile.TemporaryDirectory(prefix="chaos-") as temporary:
         work_dir = args.work_dir or Path(temporary)
@@ -55,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             consumers=args.consumers,
             checkpoint=checkpoint,
         )
-        report = asyncio.run(
-            run_chaos(options, log=lambda line: print(line, flush=True))
-        )
+        try:
+            report = asyncio.run(
+                run_chaos(options, log=lambda line: print(line, flush=True))
+            )
+        except KeyboardInterrupt:
+            print("interrupted: every process of the run was stopped", flush=True)
+            return 130
     print(render(report))
     return 0 if report.ok else 1
 
