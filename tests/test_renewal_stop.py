@@ -80,7 +80,7 @@ async def _renewals_after(receiver: SwallowingReceiver, wait_s: float) -> int:
     return receiver.renewals - before
 
 
-async def test_take_ends_the_keeper_that_missed_its_cancel() -> None:
+async def test_take_ends_keeper_that_missed_cancel() -> None:
     broker = MemoryBroker(ENTITY)
     event = make_event("ORDER_UPDATED", "ORD-1")
     await broker.send(json.dumps(event).encode(), session_id="ORD-1", message_id="m1")
@@ -111,7 +111,7 @@ async def test_take_ends_the_keeper_that_missed_its_cancel() -> None:
         await supply.stop(time.monotonic() + 1, time.monotonic() + 5)
 
 
-async def test_worker_renewal_ends_when_released_despite_a_lost_cancel() -> None:
+async def test_renewal_ends_on_release_despite_lost_cancel() -> None:
     broker = MemoryBroker(ENTITY)
     event = make_event("ORDER_UPDATED", "ORD-2")
     await broker.send(json.dumps(event).encode(), session_id="ORD-2", message_id="m2")
