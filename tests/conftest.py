@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import threading
 import time
 from collections import defaultdict
@@ -305,3 +306,15 @@ def faulty_transport(settings: Settings) -> FaultyTransport:
     from consumer.transport.azure import AzureTransport
 
     return FaultyTransport(AzureTransport(settings))
+
+
+def consumer_environment(settings: dict[str, Any]) -> dict[str, str]:
+    """Return this process's environment with `settings` as ORDERS_CONSUMER_ vars."""
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("ORDERS_CONSUMER_")
+    }
+    for name, value in settings.items():
+        environment[f"ORDERS_CONSUMER_{name.upper()}"] = str(value)
+    return environment

@@ -10,7 +10,6 @@ crash is a real exit in the middle of a handler.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from consumer.config import Settings
 from consumer.publish import build_message, publish_messages
 from consumer.testing import make_event
 from localbus.testing import run_broker
+from tests.conftest import consumer_environment
 
 ENTITY = "orders.crashloop.events"
 ORDER_ID = "ORD-CRASH-1"
@@ -64,12 +64,7 @@ asyncio.run(app.run(until_idle_s=3.0))
 def _run_consumer(
     connection_string: str, handled_path: Path, crash_on: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("ORDERS_CONSUMER_")
-    }
-    environment["ORDERS_CONSUMER_CONNECTION_STRING"] = connection_string
+    environment = consumer_environment({"connection_string": connection_string})
     environment["CRASH_ON_MESSAGE_ID"] = crash_on
     return subprocess.run(
         [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from consumer.http import HealthState, OpsServer
 from consumer.publish import SendRetryPolicy, build_message, publish_messages
 from consumer.transport.azure import AzureTransport
 from localbus.testing import run_broker, run_broker_process
+from tests.conftest import consumer_environment
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 ENTITY = "orders.security.events"
@@ -71,15 +71,9 @@ def leaks(text: str, key: str = FAKE_KEY) -> list[str]:
 
 def cli_environment(tmp_path: Path, **values: str) -> dict[str, str]:
     """Return the environment of a CLI subprocess with `ORDERS_CONSUMER_*` values."""
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("ORDERS_CONSUMER_")
-    }
-    environment["ORDERS_CONSUMER_STORE_PATH"] = str(tmp_path / "store.sqlite3")
-    environment["ORDERS_CONSUMER_LOG_LEVEL"] = "debug"
-    environment.update({f"ORDERS_CONSUMER_{k.upper()}": v for k, v in values.items()})
-    return environment
+    return consumer_environment(
+        {"store_path": tmp_path / "store.sqlite3", "log_level": "debug", **values}
+    )
 
 
 def run_cli(arguments: list[str], environment: dict[str, str]) -> subprocess.Popen[str]:

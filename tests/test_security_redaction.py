@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 import structlog
 
 from consumer.logs import configure_logging, log_exception_text, message_context
+from tests.conftest import consumer_environment
 
 # A made-up key in the shape of a Service Bus shared access key (base64, 44 characters).
 FAKE_KEY = "Zm9yLXRlc3RzLW9ubHktbm90LWEtcmVhbC1rZXktMDE="
@@ -183,15 +183,10 @@ asyncio.run(main())
 
 
 def test_app_run_configures_masked_logging(tmp_path: Path) -> None:
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("ORDERS_CONSUMER_")
-    }
     completed = subprocess.run(
         [sys.executable, "-c", APP_SCRIPT, CONNECTION_STRING],
         cwd=tmp_path,
-        env={**environment, "ORDERS_CONSUMER_METRICS_PORT": "0"},
+        env=consumer_environment({"metrics_port": 0}),
         capture_output=True,
         text=True,
         timeout=60,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -34,7 +33,7 @@ from consumer.config import local_connection_string
 from consumer.generate import generate_stream
 from handlers.store import ProjectionStore
 from localbus.testing import BrokerProcess, run_broker_process
-from tests.conftest import QUEUE, Outgoing, numbered, publish
+from tests.conftest import QUEUE, Outgoing, consumer_environment, numbered, publish
 
 GRACE_S = 2.0
 # Starting the interpreter and importing the SDK is not part of the bound, but
@@ -109,18 +108,6 @@ def consumer_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "consumer.cli"]
-
-
-def consumer_environment(settings: dict[str, Any]) -> dict[str, str]:
-    """Return this process's environment with `settings` as ORDERS_CONSUMER_ vars."""
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("ORDERS_CONSUMER_")
-    }
-    for name, value in settings.items():
-        environment[f"ORDERS_CONSUMER_{name.upper()}"] = str(value)
-    return environment
 
 
 def base_settings(connection_string: str, work_dir: Path) -> dict[str, Any]:
