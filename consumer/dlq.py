@@ -165,17 +165,25 @@ def original_sequence_number(message: ServiceBusReceivedMessage) -> int:
 
 
 def _original_number(properties: Mapping[str, Any], own_number: int) -> int:
-    # A copy is always enqueued after its original. A value that is not positive or
-    # not below the message's own sequence number was not written by these tools, so
-    # a producer that sets the property cannot reorder or reject an order's events.
-    value = properties.get(ORIGINAL_SEQUENCE_PROPERTY)
+    original = copied_from(properties.get(ORIGINAL_SEQUENCE_PROPERTY), own_number)
+    return own_number if original is None else original
+
+
+def copied_from(value: Any, own_number: int) -> int | None:
+    """Return the original sequence number that a copy's property `value` names.
+
+    A copy is always enqueued after its original. A value that is not a positive
+    number below the message's own sequence number was not written by these tools, so
+    it gives None: a producer that sets the property cannot reorder or reject an
+    order's events.
+    """
     if value is None or isinstance(value, bool):
-        return own_number
+        return None
     try:
         number = int(value)
     except (TypeError, ValueError):
-        return own_number
-    return number if 0 < number < own_number else own_number
+        return None
+    return number if 0 < number < own_number else None
 
 
 def message_body(message: ServiceBusReceivedMessage) -> bytes | None:

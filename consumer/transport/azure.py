@@ -28,7 +28,7 @@ from azure.servicebus.exceptions import (
 )
 
 from consumer.config import Settings
-from consumer.dlq import original_sequence_number
+from consumer.dlq import ORIGINAL_SEQUENCE_PROPERTY, copied_from
 from consumer.errors import SessionLockLost, TransportError
 from consumer.logs import log_exception_text
 from consumer.redact import redact
@@ -65,10 +65,12 @@ def _message_body(message: ServiceBusReceivedMessage) -> bytes | None:
 
 def _original_sequence_number(message: ServiceBusReceivedMessage) -> int | None:
     """Return the sequence number of the original of a copy the tools sent, or None."""
-    if not message.application_properties:
-        return None
-    original = original_sequence_number(message)
-    return None if original == int(message.sequence_number or 0) else original
+    # One pass over the properties, since this runs for every received message.
+    for key, value in (message.application_properties or {}).items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name == ORIGINAL_SEQUENCE_PROPERTY:
+            return copied_from(value, int(message.sequence_number or 0))
+    return None
 
 
 def _to_inbound(message: ServiceBusReceivedMessage, session_id: str) -> InboundMessage:
