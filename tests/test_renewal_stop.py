@@ -101,8 +101,8 @@ async def test_take_ends_keeper_that_missed_cancel() -> None:
             # Take the session while its keeper is inside a renewal, so the take's
             # cancel reaches the renewal and is swallowed.
             await waiting.renewing.wait()
-            taken = await supply.take()
-        assert taken is waiting
+            handed_over = await supply.take()
+        assert handed_over is waiting
         assert waiting.swallowed == 1
         # The keeper renews every LOCK_S / 2 while it runs, so two locks' time
         # without a renewal shows that it ended.
